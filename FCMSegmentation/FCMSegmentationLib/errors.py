@@ -1,0 +1,26 @@
+"""User-facing error types.
+
+Every error the engine raises on purpose derives from :class:`FCMError`; its message is one line that
+says what is wrong and what to do about it. The CLI prints it as ``error: <message>`` and exits 2; the
+Slicer module shows it in a dialog. Anything else escaping the engine is a bug.
+"""
+
+
+class FCMError(Exception):
+    """Base class: a problem the user can fix; ``str(err)`` is the actionable message."""
+
+
+class InputError(FCMError):
+    """An input image, label map or argument is unusable."""
+
+
+class ModelError(FCMError):
+    """A model file is missing, corrupt or incompatible."""
+
+
+class OutputError(FCMError):
+    """A result cannot be written where asked."""
+
+
+class Cancelled(FCMError):
+    """The user cancelled a long-running operation; state is as before the call."""

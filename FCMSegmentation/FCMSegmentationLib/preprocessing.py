@@ -1,0 +1,237 @@
+"""Bring SPECT and (optional) CT onto one working grid and normalise them for the network.
+
+Conventions (all arrays in SimpleITK's (z, y, x) index order):
+
+* Working grid: the direction of the *reference* image (the CT when given, else the SPECT), isotropic
+  voxels of ``spacing_mm`` (the model card's value, 3 mm by default), covering the part of the reference
+  that the SPECT's field of view overlaps. Resampling is by physical coordinates, so images with other
+  spacing, origin, extent or direction are handled.
+* Network input channels: ``[spect, ct, ct_present]``.
+  - SPECT: counts divided by the 99.5th percentile of the positive voxels in the overlap, clipped to
+    [0, 5]. Bone then sits near 0.2-1 and hot lesions above it; the RFCM beta is tuned to this scale.
+  - CT: ``(HU + 1000) / 2000`` clipped to [0, 2] (air 0, water 0.5, dense cortex ~1.1).
+  - ct_present: 1 where a CT was given, 0 otherwise (the CT channel is then 0); the network is trained
+    with CT dropped at random so it works on SPECT alone.
+* Outputs: memberships are resampled linearly onto the *output grid* (the CT's grid when given, else the
+  SPECT's, geometry copied exactly) and labels are their argmax; voxels outside the overlap are background.
+"""
+from dataclasses import dataclass, field
+from typing import List, Optional, Tuple
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import InputError
+
+NUM_CLASSES = 3
+CLASS_NAMES = ("background", "bone", "lesion")
+CHANNELS = ("spect", "ct", "ct_present")
+DEFAULT_SPACING_MM = 3.0
+SPECT_PERCENTILE = 99.5
+SPECT_CLIP = 5.0
+CT_WINDOW = (-1000.0, 2000.0)  # (offset, width): (HU - offset) / width
+CT_CLIP = 2.0
+
+
+@dataclass
+class WorkingCase:
+    """One SPECT(/CT) study on the working grid, ready for the network.
+
+    features: float32 (C=3, Z, Y, X) network input, channels as in :data:`CHANNELS`.
+    valid: bool (Z, Y, X), True inside the SPECT field of view (the voxels the losses use).
+    grid: an image carrying the working grid's geometry (pixel values unused).
+    output_reference: an image carrying the output grid's geometry.
+    spect_scale: the count value that maps to 1.0 in the SPECT channel.
+    notes: human-readable remarks (partial overlap, replaced NaNs, ...), for the user to see.
+    """
+
+    features: np.ndarray
+    valid: np.ndarray
+    grid: sitk.Image
+    output_reference: sitk.Image
+    spect_scale: float
+    has_ct: bool
+    notes: List[str] = field(default_factory=list)
+
+
+def as_volume(image: sitk.Image, role: str, notes: Optional[List[str]] = None) -> sitk.Image:
+    """Check an input and return it as a 3-D float32 scalar volume.
+
+    A 2-D image (a planar scan) becomes a one-slice volume; a 4-D image with one time point is squeezed.
+    NaN/Inf voxels become 0 (noted). Raises :class:`InputError` for multi-component or true 4-D images
+    and for images with no voxels.
+    """
+    notes = notes if notes is not None else []
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(
+            f"{role}: has {image.GetNumberOfComponentsPerPixel()} components per voxel (RGB or vector image); "
+            f"give a single-channel {role} volume"
+        )
+    dim = image.GetDimension()
+    if dim == 4:
+        if image.GetSize()[3] != 1:
+            raise InputError(
+                f"{role}: is 4-D with {image.GetSize()[3]} frames (dynamic/gated); "
+                "extract one frame or sum them into a 3-D volume first"
+            )
+        image = image[:, :, :, 0]
+    elif dim == 2:
+        image = sitk.JoinSeries(image)  # one slice, unit-thickness z
+        notes.append(f"{role} is a 2-D image: segmented as a single slice")
+    elif dim != 3:
+        raise InputError(f"{role}: {dim}-D images are not supported; give a 3-D volume")
+    if min(image.GetSize()) < 1 or image.GetNumberOfPixels() == 0:
+        raise InputError(f"{role}: image has no voxels")
+    image = sitk.Cast(image, sitk.sitkFloat32)
+    array = sitk.GetArrayViewFromImage(image)
+    if not np.isfinite(array).all():
+        bad = int((~np.isfinite(array)).sum())
+        clean = np.nan_to_num(sitk.GetArrayFromImage(image), nan=0.0, posinf=0.0, neginf=0.0)
+        fixed = sitk.GetImageFromArray(clean)
+        fixed.CopyInformation(image)
+        image = fixed
+        notes.append(f"{role}: {bad} NaN/Inf voxels were set to 0")
+    return image
+
+
+def physical_bounds(image: sitk.Image) -> np.ndarray:
+    """The physical positions of the 8 corners of the image's voxel-edge box, shape (8, 3)."""
+    size = np.array(image.GetSize(), dtype=float)
+    corners = []
+    for cz in (0, 1):
+        for cy in (0, 1):
+            for cx in (0, 1):
+                index = np.array([cx, cy, cz]) * size - 0.5
+                corners.append(image.TransformContinuousIndexToPhysicalPoint(index.tolist()))
+    return np.array(corners)
+
+
+def overlap_region(reference: sitk.Image, other: sitk.Image) -> Tuple[np.ndarray, np.ndarray]:
+    """Continuous-index box (lo, hi), (x, y, z) order, of ``reference`` covered by ``other``'s box.
+
+    Raises :class:`InputError` when the two do not overlap in space.
+    """
+    corners = physical_bounds(other)
+    idx = np.array([reference.TransformPhysicalPointToContinuousIndex(p.tolist()) for p in corners])
+    size = np.array(reference.GetSize(), dtype=float)
+    lo = np.maximum(idx.min(axis=0), -0.5)
+    hi = np.minimum(idx.max(axis=0), size - 0.5)
+    if np.any(hi - lo <= 1e-6):
+        raise InputError(
+            "SPECT and CT do not overlap in space (check that they belong to the same study and that "
+            "their origins/directions are correct)"
+        )
+    return lo, hi
+
+
+def working_grid(reference: sitk.Image, lo: np.ndarray, hi: np.ndarray, spacing_mm: float) -> sitk.Image:
+    """An empty image on the reference's direction with isotropic ``spacing_mm`` covering [lo, hi]."""
+    ref_spacing = np.array(reference.GetSpacing())
+    extent_mm = (hi - lo) * ref_spacing
+    spacing = np.full(3, float(spacing_mm))
+    # A one-slice input keeps one slice (planar scans) instead of being stretched over the spacing.
+    spacing = np.where(extent_mm < spacing, np.maximum(extent_mm, 1e-3), spacing)
+    size = np.maximum(1, np.ceil(extent_mm / spacing - 1e-6)).astype(int)
+    direction = np.array(reference.GetDirection()).reshape(3, 3)
+    start_physical = np.array(reference.TransformContinuousIndexToPhysicalPoint(lo.tolist()))
+    origin = start_physical + direction @ (spacing / 2.0)
+    grid = sitk.Image([int(s) for s in size], sitk.sitkUInt8)
+    grid.SetSpacing(spacing.tolist())
+    grid.SetOrigin(origin.tolist())
+    grid.SetDirection(reference.GetDirection())
+    return grid
+
+
+def resample_to(image: sitk.Image, grid: sitk.Image, linear: bool = True, default: float = 0.0) -> np.ndarray:
+    """``image`` resampled onto ``grid`` by physical coordinates, as a (z, y, x) array."""
+    interpolator = sitk.sitkLinear if linear else sitk.sitkNearestNeighbor
+    out = sitk.Resample(image, grid, sitk.Transform(), interpolator, default, image.GetPixelID())
+    return sitk.GetArrayFromImage(out)
+
+
+def normalise_spect(counts: np.ndarray, valid: np.ndarray) -> Tuple[np.ndarray, float]:
+    """SPECT counts scaled so the 99.5th percentile of positive valid voxels is 1; returns (array, scale)."""
+    positive = counts[valid & (counts > 0)]
+    if positive.size == 0:
+        raise InputError("SPECT has no positive counts inside the field of view; nothing to segment")
+    scale = float(np.percentile(positive, SPECT_PERCENTILE))
+    if not scale > 0 or float(positive.max() - positive.min()) <= 1e-6 * scale:
+        raise InputError("SPECT is constant inside the field of view; nothing to segment")
+    return np.clip(counts / scale, 0.0, SPECT_CLIP).astype(np.float32), scale
+
+
+def normalise_ct(hu: np.ndarray) -> np.ndarray:
+    """CT in Hounsfield units mapped by the fixed window of :data:`CT_WINDOW`, clipped to [0, 2]."""
+    offset, width = CT_WINDOW
+    return np.clip((hu - offset) / width, 0.0, CT_CLIP).astype(np.float32)
+
+
+def prepare_case(
+    spect: sitk.Image, ct: Optional[sitk.Image] = None, spacing_mm: float = DEFAULT_SPACING_MM
+) -> WorkingCase:
+    """Validate, align and normalise a SPECT (and optional CT) into a :class:`WorkingCase`."""
+    notes: List[str] = []
+    spect = as_volume(spect, "SPECT", notes)
+    if float(np.min(sitk.GetArrayViewFromImage(spect))) < 0:
+        notes.append("SPECT has negative values (reconstruction artefact): clipped to 0")
+        spect = sitk.Clamp(spect, sitk.sitkFloat32, lowerBound=0.0)
+    reference = as_volume(ct, "CT", notes) if ct is not None else spect
+    lo, hi = overlap_region(reference, spect)
+    full = np.array(reference.GetSize(), dtype=float)
+    if ct is not None and (np.any(lo > -0.5 + 1e-3) or np.any(hi < full - 0.5 - 1e-3)):
+        covered = float(np.prod((hi - lo) / full))
+        notes.append(
+            f"SPECT covers only {covered:.0%} of the CT: segmenting the overlap, the rest is background"
+        )
+    grid = working_grid(reference, lo, hi, spacing_mm)
+    inside = sitk.Image(spect.GetSize(), sitk.sitkUInt8) + 1
+    inside.CopyInformation(spect)
+    valid = resample_to(inside, grid, linear=False).astype(bool)
+    spect_norm, scale = normalise_spect(resample_to(spect, grid), valid)
+    if ct is not None:
+        ct_norm = normalise_ct(resample_to(reference, grid, default=-1000.0))
+        present = np.ones_like(ct_norm)
+    else:
+        ct_norm = np.zeros_like(spect_norm)
+        present = np.zeros_like(spect_norm)
+    features = np.stack([spect_norm * valid, ct_norm, present]).astype(np.float32)
+    return WorkingCase(features, valid, grid, _geometry_of(reference), scale, ct is not None, notes)
+
+
+def _geometry_of(image: sitk.Image) -> sitk.Image:
+    """A 1-byte-per-voxel image with exactly ``image``'s geometry (keeps memory low)."""
+    ref = sitk.Image(image.GetSize(), sitk.sitkUInt8)
+    ref.CopyInformation(image)
+    return ref
+
+
+def array_to_image(array: np.ndarray, grid: sitk.Image) -> sitk.Image:
+    """A (z, y, x) array as an image with ``grid``'s geometry."""
+    image = sitk.GetImageFromArray(array)
+    image.CopyInformation(grid)
+    return image
+
+
+def memberships_to_output(memberships: np.ndarray, case: WorkingCase) -> np.ndarray:
+    """Working-grid memberships (K, Z, Y, X) resampled linearly onto the output grid, renormalised.
+
+    Outside the working grid the membership is 1 for background.
+    """
+    out = []
+    for k in range(memberships.shape[0]):
+        channel = array_to_image(memberships[k].astype(np.float32), case.grid)
+        out.append(resample_to(channel, case.output_reference, default=1.0 if k == 0 else 0.0))
+    stacked = np.stack(out)
+    stacked /= np.maximum(stacked.sum(axis=0, keepdims=True), 1e-8)
+    return stacked.astype(np.float32)
+
+
+def labels_from_memberships(memberships: np.ndarray) -> np.ndarray:
+    """Hard labels (uint8, 0 background / 1 bone / 2 lesion) as the argmax over classes."""
+    return np.argmax(memberships, axis=0).astype(np.uint8)
+
+
+def scribbles_to_working(scribbles: sitk.Image, case: WorkingCase) -> np.ndarray:
+    """Stroke map (0 unpainted, 1 background, 2 bone, 3 lesion) on any grid -> working grid, nearest."""
+    scribbles = as_volume(scribbles, "scribbles")
+    return resample_to(sitk.Cast(sitk.Round(scribbles), sitk.sitkUInt8), case.grid, linear=False).astype(np.uint8)

@@ -1,0 +1,23 @@
+# One-command entry points. torch is pinned to the CPU build that installs quickly here;
+# on a CUDA machine install the matching torch first and `make install` keeps it.
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+OUT ?= out
+
+.PHONY: install test demo bench bench-speed bench-accuracy train clean
+
+install:
+	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ".[test,bench]"
+
+test: install
+	$(PYTHON) -m pytest -n 2 -q Testing
+
+demo: install
+	$(PYTHON) -m FCMSegmentationLib.demo --out $(OUT)/demo
+
+bench: install
+	$(PYTHON) scripts/bench_inference.py
+
+clean:
+	rm -rf $(OUT) build *.egg-info .pytest_cache

@@ -1,0 +1,94 @@
+"""The segmentation pipeline: images in, labels and soft memberships out (the engine's main entry)."""
+from dataclasses import dataclass, field
+from typing import List, Optional, Union
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from .inference import DEFAULT_PATCH, describe_device, resolve_device, run_with_fallback, sliding_window
+from .modelfile import LoadedModel, PathLike, load_model
+from .preprocessing import (
+    NUM_CLASSES,
+    WorkingCase,
+    array_to_image,
+    labels_from_memberships,
+    memberships_to_output,
+    prepare_case,
+)
+from .progress import CancelToken, ProgressCallback, report, scaled
+
+
+@dataclass
+class SegmentationResult:
+    """labels: uint8 image (0 background, 1 bone, 2 lesion) on the output grid.
+    memberships: float32 image with one component per class on the output grid (sums to 1).
+    device: where the network ran, in words. notes: remarks for the user (fallbacks, partial overlap).
+    """
+
+    labels: sitk.Image
+    memberships: sitk.Image
+    device: str
+    notes: List[str] = field(default_factory=list)
+
+
+def mask_outside_field_of_view(memberships: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Memberships with voxels outside the SPECT field of view set to pure background."""
+    out = memberships.copy()
+    out[:, ~valid] = 0.0
+    out[0, ~valid] = 1.0
+    return out
+
+
+def predict_working(
+    model: LoadedModel,
+    case: WorkingCase,
+    device: torch.device,
+    patch: int = DEFAULT_PATCH,
+    progress: Optional[ProgressCallback] = None,
+    cancel: Optional[CancelToken] = None,
+    notes: Optional[List[str]] = None,
+) -> np.ndarray:
+    """Memberships (K, Z, Y, X) on the working grid, by sliding window, with OOM fallback."""
+    def run(dev: torch.device, size: int) -> np.ndarray:
+        network = model.network.to(dev)
+        return sliding_window(network, case.features, NUM_CLASSES, dev, network.size_multiple, size,
+                              progress=progress, cancel=cancel)
+
+    memberships, used = run_with_fallback(run, device, patch, notify=(notes.append if notes is not None else None))
+    model.network.to(used)
+    return mask_outside_field_of_view(memberships, case.valid)
+
+
+def result_from_working(memberships: np.ndarray, case: WorkingCase, device: str, notes: List[str]) -> SegmentationResult:
+    """Resample working-grid memberships onto the output grid and take their argmax."""
+    on_output = memberships_to_output(memberships, case)
+    labels = array_to_image(labels_from_memberships(on_output), case.output_reference)
+    vector = sitk.GetImageFromArray(np.moveaxis(on_output, 0, -1), isVector=True)
+    vector.CopyInformation(case.output_reference)
+    return SegmentationResult(labels, vector, device, list(case.notes) + notes)
+
+
+def segment(
+    spect: sitk.Image,
+    ct: Optional[sitk.Image] = None,
+    model: Union[LoadedModel, PathLike, None] = None,
+    device: str = "auto",
+    patch: int = DEFAULT_PATCH,
+    progress: Optional[ProgressCallback] = None,
+    cancel: Optional[CancelToken] = None,
+) -> SegmentationResult:
+    """Segment bone and lesions in ``spect`` (and ``ct`` if given) with ``model`` (default: shipped one).
+
+    Output is on the CT's grid when a CT is given, else on the SPECT's.
+    """
+    torch_device = resolve_device(device)
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, torch_device)
+    report(progress, 0.0, "preparing images")
+    case = prepare_case(spect, ct, loaded.spacing_mm)
+    notes: List[str] = []
+    memberships = predict_working(loaded, case, torch_device, patch, scaled(progress, 0.05, 0.9), cancel, notes)
+    report(progress, 0.92, "resampling onto the output grid")
+    result = result_from_working(memberships, case, describe_device(torch_device), notes)
+    report(progress, 1.0, "done")
+    return result

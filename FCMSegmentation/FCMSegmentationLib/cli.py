@@ -87,6 +87,116 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_for_session(args: argparse.Namespace):
+    from .imageio import read_image
+    from .inference import resolve_device
+    from .modelfile import load_model
+
+    spect = read_image(args.spect)
+    ct = read_image(args.ct) if args.ct else None
+    device = resolve_device(args.device)
+    return spect, ct, load_model(args.model, device)
+
+
+def _finish_session(args: argparse.Namespace, session, result, output: Path, save_path: Optional[Path]) -> int:
+    from .imageio import write_image
+
+    write_image(result.labels, output)
+    if args.memberships:
+        write_image(result.memberships, args.memberships)
+    if save_path is not None:
+        session.save(save_path)
+        print(f"wrote fine-tuned model {save_path}")
+    print_notes(result.notes)
+    record = session.history[-1]
+    print(f"wrote {output} ({record.action}: {record.steps} steps, {record.seconds:.2f} s; {result.device})")
+    return 0
+
+
+def _session_outputs(args: argparse.Namespace):
+    output = check_output_path(args.output)
+    if args.memberships:
+        check_output_path(args.memberships, "memberships")
+    save_path = Path(args.save_model) if args.save_model else None
+    if save_path is not None and not (save_path.parent if str(save_path.parent) else Path(".")).is_dir():
+        raise OutputError(f"--save-model {save_path}: directory does not exist; create it first")
+    return output, save_path
+
+
+def cmd_refine(args: argparse.Namespace) -> int:
+    from .imageio import read_image
+    from .refinement import RefinementSession, RefineSettings
+
+    output, save_path = _session_outputs(args)
+    scribbles = read_image(args.scribbles)
+    spect, ct, model = _load_for_session(args)
+    settings = RefineSettings(mode=args.mode)
+    with progress_bar("features") as progress:
+        session = RefinementSession(spect, ct, model, args.device, settings, progress=progress)
+    with progress_bar("refine") as progress:
+        result = session.refine(scribbles, steps=args.steps, alpha=args.alpha, progress=progress)
+    return _finish_session(args, session, result, output, save_path)
+
+
+def cmd_adapt(args: argparse.Namespace) -> int:
+    from .refinement import RefinementSession, RefineSettings
+
+    output, save_path = _session_outputs(args)
+    spect, ct, model = _load_for_session(args)
+    settings = RefineSettings(mode=args.mode)
+    with progress_bar("features") as progress:
+        session = RefinementSession(spect, ct, model, args.device, settings, progress=progress)
+    with progress_bar("adapt") as progress:
+        result = session.adapt(steps=args.steps, progress=progress)
+    return _finish_session(args, session, result, output, save_path)
+
+
+def cmd_phantom(args: argparse.Namespace) -> int:
+    from .phantoms import phantom_command
+
+    with progress_bar("phantom") as progress:
+        written = phantom_command(args.out, args.seed, args.count, args.from_ct, args.bone_labels,
+                                  args.shifted, progress=progress)
+    for item in written:
+        print(f"wrote {item}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .training import TrainConfig, train
+
+    config = TrainConfig(
+        out=args.out, phantoms=args.phantoms, ct_phantoms=args.ct_phantoms, ct_path=args.from_ct,
+        bone_labels_path=args.bone_labels, validation_phantoms=args.validation, seed=args.seed,
+        steps=args.steps, batch=args.batch, crop=args.crop, learning_rate=args.lr, alpha=args.alpha,
+        beta=args.beta, unsupervised=args.unsupervised, device=args.device, threads=args.threads,
+        checkpoint_every=args.checkpoint_every, channels=tuple(args.channels),
+    )
+    check_output_path_model(config.out)
+    with progress_bar("train") as progress:
+        train(config, progress=progress, log=lambda line: print(line, file=sys.stderr))
+    return 0
+
+
+def check_output_path_model(path: str) -> None:
+    directory = Path(path).parent if str(Path(path).parent) else Path(".")
+    if not directory.is_dir():
+        raise OutputError(f"{path}: directory {directory} does not exist; create it first")
+
+
+def _add_session_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--spect", required=True, help="SPECT image file or DICOM directory")
+    parser.add_argument("--ct", help="CT image file or DICOM directory (optional)")
+    parser.add_argument("--output", required=True, help="label map (.nii.gz, .nrrd, .seg.nrrd, .mha)")
+    parser.add_argument("--model", help="model file to start from (default: the shipped model)")
+    parser.add_argument("--save-model", help="write the fine-tuned model (with its card) here")
+    parser.add_argument("--steps", type=int, help="optimiser steps (default: the session's setting)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | mps (default auto)")
+    parser.add_argument("--memberships", help="also write the soft memberships")
+    parser.add_argument("--mode", choices=("head", "full"), default="head",
+                        help="fine-tune the head on cached features (fast, default) or the whole network")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fcmseg", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -108,6 +218,47 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--truth", required=True)
     ev.add_argument("--json", action="store_true", help="print JSON")
     ev.set_defaults(handler=cmd_evaluate)
+
+    ref = commands.add_parser("refine", help="fine-tune on painted strokes and segment again")
+    _add_session_arguments(ref)
+    ref.add_argument("--scribbles", required=True,
+                     help="stroke map: 0 unpainted, 1 background, 2 bone, 3 lesion (any grid covering the image)")
+    ref.add_argument("--alpha", type=float, help="weight of the label loss on painted voxels")
+    ref.set_defaults(handler=cmd_refine)
+
+    ada = commands.add_parser("adapt", help="label-free adaptation to this image (RFCM loss only)")
+    _add_session_arguments(ada)
+    ada.set_defaults(handler=cmd_adapt)
+
+    ph = commands.add_parser("phantom", help="generate simulated SPECT/CT phantoms with truth")
+    ph.add_argument("--out", required=True, help="output directory (case_<seed>/ folders are written)")
+    ph.add_argument("--seed", type=int, required=True)
+    ph.add_argument("--count", type=int, default=1)
+    ph.add_argument("--from-ct", help="real CT (file or DICOM directory) for a CT-derived phantom")
+    ph.add_argument("--bone-labels", help="bone label map of that CT (TotalSegmentator ids)")
+    ph.add_argument("--shifted", action="store_true", help="domain-shifted ranges (PSF, counts, contrast)")
+    ph.set_defaults(handler=cmd_phantom)
+
+    tr = commands.add_parser("train", help="train a model on generated phantoms (torchrun for DDP)")
+    tr.add_argument("--out", required=True, help="model file to write")
+    tr.add_argument("--phantoms", type=int, default=48, help="procedural training phantoms")
+    tr.add_argument("--ct-phantoms", type=int, default=0, help="CT-derived training phantoms")
+    tr.add_argument("--from-ct", help="real CT for CT-derived phantoms")
+    tr.add_argument("--bone-labels", help="its bone label map")
+    tr.add_argument("--validation", type=int, default=4, help="held-out validation phantoms")
+    tr.add_argument("--seed", type=int, default=1000)
+    tr.add_argument("--steps", type=int, default=1500)
+    tr.add_argument("--batch", type=int, default=2)
+    tr.add_argument("--crop", type=int, default=64)
+    tr.add_argument("--lr", type=float, default=2e-3)
+    tr.add_argument("--alpha", type=float, default=1.0)
+    tr.add_argument("--beta", type=float, default=0.0008)
+    tr.add_argument("--channels", type=int, nargs="+", default=[16, 32, 64, 128])
+    tr.add_argument("--unsupervised", action="store_true", help="RFCM loss only (no labels)")
+    tr.add_argument("--device", default="auto")
+    tr.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    tr.add_argument("--checkpoint-every", type=int, default=250)
+    tr.set_defaults(handler=cmd_train)
     return parser
 
 

@@ -1,0 +1,306 @@
+"""Interactive refinement and label-free adaptation of a pretrained model on one image.
+
+Speed comes from the network's split (see :mod:`networks`): the body's per-voxel features are computed
+once per image; a refine round fine-tunes only the 1x1 head on them — the semi-supervised loss
+``L_RFCM`` (on random crops of the image, biased towards the strokes) ``+ alpha * L_label`` (on the painted
+voxels) — so a step costs milliseconds. ``mode="full"`` fine-tunes the whole network instead (slower; the
+features are recomputed afterwards).
+
+Every change (refine, adapt, reset) pushes the previous state onto an undo stack. A call that raises,
+including a cancel, leaves the session exactly as it was: training works on a copy that is committed only
+at the end.
+"""
+import copy
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from .errors import FCMError, InputError
+from .inference import DEFAULT_PATCH, describe_device, resolve_device, sliding_window
+from .losses import fcm_label_loss, rfcm_loss
+from .modelfile import LoadedModel, PathLike, load_model, save_model
+from .networks import UNet, pointwise_head_memberships
+from .preprocessing import WorkingCase, prepare_case
+from .progress import CancelToken, ProgressCallback, check_cancel, report, scaled
+from .scribbles import UNLABELLED, require_strokes, scribbles_to_labels, stroke_counts
+from .segmentation import SegmentationResult, mask_outside_field_of_view, result_from_working
+
+MAX_LABELLED_PER_STEP = 20000
+HEAD_CHUNK_VOXELS = 2 ** 21
+
+
+@dataclass
+class RefineSettings:
+    """Fine-tuning hyper-parameters (the Slicer module's Advanced section exposes the main ones).
+
+    steps / adapt_steps: optimiser steps per refine / adapt call (early stopping may end sooner).
+    alpha: weight of the label loss on painted voxels (larger than the paper's 0.1: strokes are few).
+    beta, q: RFCM spatial weight and fuzzifier. crop: side of the random crops for RFCM (voxels).
+    rfcm_channels / channel_weights: which input channels are the RFCM intensities (0 SPECT, 1 CT; CT
+    is used only when present) and their weights. mode: "head" (fast) or "full" (whole network).
+    """
+
+    steps: int = 60
+    adapt_steps: int = 30
+    learning_rate: float = 0.01
+    full_learning_rate: float = 2e-4
+    alpha: float = 1.0
+    beta: float = 0.0008
+    q: float = 2.0
+    crop: int = 48
+    stroke_crop_fraction: float = 0.5
+    rfcm_channels: Tuple[int, ...] = (0, 1)
+    channel_weights: Tuple[float, ...] = (1.0, 1.0)
+    patience: int = 20
+    mode: str = "head"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("head", "full"):
+            raise InputError(f"refinement mode must be 'head' or 'full', not {self.mode!r}")
+        if self.steps < 1 or self.adapt_steps < 1:
+            raise InputError("steps must be at least 1")
+        if self.alpha < 0 or self.beta < 0:
+            raise InputError("alpha and beta must be non-negative")
+
+
+@dataclass
+class _State:
+    """A committed model state: weights and the body features computed with them."""
+
+    weights: Dict[str, torch.Tensor]
+    features: torch.Tensor  # (1, F, Z, Y, X) on the session's device
+
+
+@dataclass
+class RoundRecord:
+    action: str
+    steps: int
+    final_loss: float
+    seconds: float
+    strokes: Dict[str, int] = field(default_factory=dict)
+
+
+def _clone_weights(network: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in network.state_dict().items()}
+
+
+class RefinementSession:
+    """Fine-tune a segmentation model on one SPECT(/CT) image; see the module docstring.
+
+    Construction computes the body features (a sliding-window pass: the slow part, with progress).
+    """
+
+    def __init__(
+        self,
+        spect: sitk.Image,
+        ct: Optional[sitk.Image] = None,
+        model: Union[LoadedModel, PathLike, None] = None,
+        device: str = "auto",
+        settings: Optional[RefineSettings] = None,
+        patch: int = DEFAULT_PATCH,
+        progress: Optional[ProgressCallback] = None,
+        cancel: Optional[CancelToken] = None,
+    ):
+        self.device = resolve_device(device)
+        self.settings = settings or RefineSettings()
+        self.model = model if isinstance(model, LoadedModel) else load_model(model, self.device)
+        self.model.network.to(self.device).eval()
+        self.patch = patch
+        report(progress, 0.0, "preparing images")
+        self.case: WorkingCase = prepare_case(spect, ct, self.model.spacing_mm)
+        self._intensities, self._mask = self._rfcm_inputs()
+        self._valid_voxels = np.argwhere(self.case.valid)  # crop centres: RFCM needs voxels in the FOV
+        features = self._compute_features(self.model.network, scaled(progress, 0.05, 1.0), cancel)
+        torch.optim.Adam(self.model.network.head.parameters())  # first use imports torch._dynamo (~2 s): pay it here
+        self._pretrained = _State(_clone_weights(self.model.network), features)
+        self._state = self._pretrained
+        self._undo: List[_State] = []
+        self.history: List[RoundRecord] = []
+
+    # ----- public API -------------------------------------------------------------------------
+    @property
+    def can_undo(self) -> bool:
+        return bool(self._undo)
+
+    @property
+    def device_description(self) -> str:
+        return describe_device(self.device)
+
+    def segment(self) -> SegmentationResult:
+        """The current model's segmentation of the session's image."""
+        return result_from_working(self.memberships_working(), self.case, self.device_description, [])
+
+    def refine(
+        self,
+        scribbles: sitk.Image,
+        steps: Optional[int] = None,
+        alpha: Optional[float] = None,
+        progress: Optional[ProgressCallback] = None,
+        cancel: Optional[CancelToken] = None,
+    ) -> SegmentationResult:
+        """Fine-tune on painted strokes (codes 0 none, 1 background, 2 bone, 3 lesion; any grid)."""
+        labels = scribbles_to_labels(scribbles, self.case)
+        require_strokes(labels)
+        alpha = self.settings.alpha if alpha is None else float(alpha)
+        if alpha < 0:
+            raise InputError("alpha must be non-negative")
+        return self._fine_tune("refine", labels, alpha, steps or self.settings.steps, progress, cancel)
+
+    def adapt(
+        self,
+        steps: Optional[int] = None,
+        progress: Optional[ProgressCallback] = None,
+        cancel: Optional[CancelToken] = None,
+    ) -> SegmentationResult:
+        """Label-free adaptation: fine-tune with L_RFCM alone on this image (new scanner/reconstruction)."""
+        labels = np.full(self.case.valid.shape, UNLABELLED, dtype=np.int64)
+        return self._fine_tune("adapt", labels, 0.0, steps or self.settings.adapt_steps, progress, cancel)
+
+    def undo(self) -> SegmentationResult:
+        """Return to the state before the last refine, adapt or reset."""
+        if not self._undo:
+            raise FCMError("nothing to undo")
+        self._commit(self._undo.pop(), push=False)
+        self.history.append(RoundRecord("undo", 0, float("nan"), 0.0))
+        return self.segment()
+
+    def reset(self) -> SegmentationResult:
+        """Back to the pretrained weights (undoable)."""
+        self._commit(self._pretrained, push=True)
+        self.history.append(RoundRecord("reset", 0, float("nan"), 0.0))
+        return self.segment()
+
+    def save(self, path: PathLike) -> Dict[str, Any]:
+        """Write the current (fine-tuned) model with its card, atomically; returns the card."""
+        card = copy.deepcopy(self.model.card)
+        card["name"] = f"{card.get('name', 'model')} (fine-tuned)"
+        card["fine_tuning"] = {
+            "settings": asdict(self.settings),
+            "rounds": [asdict(r) for r in self.history],
+            "base_weights_sha256": self.model.card.get("weights_sha256"),
+        }
+        return save_model(path, self.model.network, card)
+
+    # ----- internals ----------------------------------------------------------------------------
+    def _rfcm_inputs(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        channels = [c for c in self.settings.rfcm_channels if c == 0 or self.case.has_ct]
+        intensities = torch.from_numpy(self.case.features[channels][None]).to(self.device)
+        mask = torch.from_numpy(self.case.valid[None, None]).to(self.device)
+        return intensities, mask
+
+    def _channel_weights(self) -> torch.Tensor:
+        count = self._intensities.shape[1]
+        return torch.tensor(self.settings.channel_weights[:count], dtype=torch.float32, device=self.device)
+
+    def _compute_features(self, network: UNet, progress, cancel) -> torch.Tensor:
+        width = network.config["channels"][0]
+        features = sliding_window(network.features, self.case.features, width, self.device,
+                                  network.size_multiple, self.patch, progress=progress, cancel=cancel)
+        return torch.from_numpy(features[None]).to(self.device)
+
+    @staticmethod
+    def _head_memberships(head: torch.nn.Sequential, features: torch.Tensor) -> torch.Tensor:
+        """(1, F, *spatial) cached features -> (1, K, *spatial) memberships, via matrix products."""
+        flat = pointwise_head_memberships(head, features.reshape(features.shape[1], -1))
+        return flat.reshape((1, -1) + tuple(features.shape[2:]))
+
+    def memberships_working(self) -> np.ndarray:
+        """Current memberships (K, Z, Y, X) on the working grid, computed from the cached features."""
+        features = self._state.features
+        depth = max(1, HEAD_CHUNK_VOXELS // max(1, features[0, 0, 0].numel()))
+        with torch.no_grad():
+            parts = [self._head_memberships(self.model.network.head, features[:, :, z:z + depth]).cpu()
+                     for z in range(0, features.shape[2], depth)]
+        memberships = torch.cat(parts, dim=2)[0].numpy()
+        return mask_outside_field_of_view(memberships, self.case.valid)
+
+    def _commit(self, state: _State, push: bool) -> None:
+        if push:
+            self._undo.append(self._state)
+        self._state = state
+        self.model.network.load_state_dict(state.weights)
+
+    def _fine_tune(self, action: str, labels: np.ndarray, alpha: float, steps: int,
+                   progress: Optional[ProgressCallback], cancel: Optional[CancelToken]) -> SegmentationResult:
+        start = time.monotonic()
+        trainee = copy.deepcopy(self.model.network).to(self.device)
+        full = self.settings.mode == "full"
+        train_progress = scaled(progress, 0.0, 0.6 if full else 0.95)
+        final_loss = self._optimise(trainee, labels, alpha, steps, full, train_progress, cancel)
+        features = (self._compute_features(trainee.eval(), scaled(progress, 0.6, 0.95), cancel)
+                    if full else self._state.features)
+        check_cancel(cancel)
+        self._commit(_State(_clone_weights(trainee), features), push=True)
+        self.history.append(RoundRecord(action, steps, final_loss, time.monotonic() - start, stroke_counts(labels)))
+        report(progress, 1.0, f"{action}: done")
+        return self.segment()
+
+    def _optimise(self, trainee: UNet, labels: np.ndarray, alpha: float, steps: int, full: bool,
+                  progress: Optional[ProgressCallback], cancel: Optional[CancelToken]) -> float:
+        settings = self.settings
+        rng = np.random.default_rng(settings.seed + len(self.history))
+        torch.manual_seed(settings.seed + len(self.history))
+        labelled = np.argwhere(labels != UNLABELLED)
+        parameters = trainee.parameters() if full else trainee.head.parameters()
+        optimiser = torch.optim.Adam(parameters, lr=settings.full_learning_rate if full else settings.learning_rate)
+        trainee.train(full)
+        best, since_best, loss_value = float("inf"), 0, float("nan")
+        for step in range(steps):
+            check_cancel(cancel)
+            optimiser.zero_grad(set_to_none=True)
+            loss = self._step_loss(trainee, labels, labelled, alpha, full, rng)
+            loss.backward()
+            optimiser.step()
+            loss_value = float(loss.detach())
+            if loss_value < best - 1e-5 * abs(best):
+                best, since_best = loss_value, 0
+            else:
+                since_best += 1
+            report(progress, (step + 1) / steps, f"step {step + 1}/{steps}, loss {loss_value:.4f}")
+            if since_best >= settings.patience:
+                break
+        trainee.eval()
+        return loss_value
+
+    def _step_loss(self, trainee: UNet, labels: np.ndarray, labelled: np.ndarray, alpha: float, full: bool,
+                   rng: np.random.Generator) -> torch.Tensor:
+        region = self._sample_crop(labelled, rng, multiple=trainee.size_multiple if full else 1)
+        crop = (slice(None), slice(None)) + region
+        if full:
+            memberships = trainee(torch.from_numpy(self.case.features[None][crop]).to(self.device))
+        else:
+            memberships = self._head_memberships(trainee.head, self._state.features[crop])
+        loss = rfcm_loss(memberships, self._intensities[crop], q=self.settings.q, beta=self.settings.beta,
+                         mask=self._mask[crop], channel_weights=self._channel_weights())
+        if alpha == 0 or len(labelled) == 0:
+            return loss
+        if full:  # label loss on the painted voxels inside this crop
+            crop_labels = torch.from_numpy(labels[region][None]).to(self.device)
+            if (crop_labels != UNLABELLED).any():
+                loss = loss + alpha * fcm_label_loss(memberships, crop_labels, q=self.settings.q)
+            return loss
+        chosen = labelled if len(labelled) <= MAX_LABELLED_PER_STEP else \
+            labelled[rng.choice(len(labelled), MAX_LABELLED_PER_STEP, replace=False)]
+        z, y, x = (torch.from_numpy(chosen[:, i]).to(self.device) for i in range(3))
+        voxel_memberships = pointwise_head_memberships(trainee.head, self._state.features[0][:, z, y, x])
+        target = torch.from_numpy(labels[chosen[:, 0], chosen[:, 1], chosen[:, 2]]).to(self.device)
+        return loss + alpha * fcm_label_loss(voxel_memberships[None, :, :, None], target[None, :, None], q=self.settings.q)
+
+    def _sample_crop(self, labelled: np.ndarray, rng: np.random.Generator, multiple: int) -> Tuple[slice, ...]:
+        shape = np.array(self.case.valid.shape)
+        size = np.minimum(shape, self.settings.crop)
+        if multiple > 1:  # the full network needs sizes divisible by its pooling factor
+            if np.any(shape < multiple):
+                raise InputError(f"full fine-tuning needs at least {multiple} voxels per axis; use mode 'head'")
+            size = size // multiple * multiple
+        if len(labelled) and rng.random() < self.settings.stroke_crop_fraction:
+            centre = labelled[rng.integers(len(labelled))]
+        else:
+            centre = self._valid_voxels[rng.integers(len(self._valid_voxels))]
+        begin = np.clip(centre - size // 2, 0, np.maximum(shape - size, 0))
+        return tuple(slice(int(b), int(b + s)) for b, s in zip(begin, size))

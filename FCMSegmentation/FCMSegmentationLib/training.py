@@ -1,0 +1,320 @@
+"""Training on simulated phantoms with the (semi-)supervised fuzzy C-means loss; DDP via torchrun.
+
+Loss: ``L_RFCM + alpha * L_label`` (semi-supervised, default) or ``L_RFCM`` alone (``unsupervised``).
+L_label is class-balanced: the FCM label loss of each class present in the crop, averaged over classes,
+so the rare lesion class is not drowned by background. After unsupervised training the clusters are put
+in class order (background < bone < lesion by mean SPECT) by permuting the head's output rows.
+
+Data: procedural (and, when a real CT with bone labels is given, CT-derived) phantoms from
+:mod:`phantoms`, prepared exactly as at inference (:func:`preprocessing.prepare_case`), cropped at random
+(half the crops centred on lesions), with the CT channel dropped at random so the model works on SPECT
+alone. Seeds: training phantoms use ``seed .. seed+n-1``; validation uses :data:`VALIDATION_SEED_BASE`+i;
+benchmarks use seeds from :data:`BENCHMARK_SEED_BASE` — never used in training.
+
+Distributed: run under ``torchrun --nproc_per_node=N`` (gloo on CPU, NCCL on GPUs); each rank builds its
+own shard of phantoms and DistributedDataParallel averages gradients; rank 0 writes the checkpoint.
+"""
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+import torch.distributed as dist
+
+from .errors import InputError
+from .losses import fcm_label_loss, rfcm_loss
+from .modelfile import LoadedModel, new_card, save_model
+from .networks import UNet, count_parameters
+from .preprocessing import DEFAULT_SPACING_MM, prepare_case, resample_to
+from .progress import ProgressCallback, report
+
+VALIDATION_SEED_BASE = 5_000_000
+BENCHMARK_SEED_BASE = 10_000_000
+IGNORE = -1
+
+
+@dataclass
+class TrainConfig:
+    """Everything that determines a training run (stored in the model card)."""
+
+    out: str
+    phantoms: int = 48
+    ct_phantoms: int = 0
+    ct_path: Optional[str] = None
+    bone_labels_path: Optional[str] = None
+    validation_phantoms: int = 4
+    seed: int = 1000
+    steps: int = 1500
+    batch: int = 2
+    crop: int = 64
+    learning_rate: float = 2e-3
+    alpha: float = 1.0
+    beta: float = 0.0008
+    q: float = 2.0
+    unsupervised: bool = False
+    ct_dropout: float = 0.3
+    lesion_crop_fraction: float = 0.5
+    channels: Tuple[int, ...] = (16, 32, 64, 128)
+    spacing_mm: float = DEFAULT_SPACING_MM
+    checkpoint_every: int = 250
+    device: str = "auto"
+    threads: int = 0
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch < 1 or self.phantoms + self.ct_phantoms < 1:
+            raise InputError("steps, batch and the number of phantoms must be at least 1")
+        if self.ct_phantoms and not (self.ct_path and self.bone_labels_path):
+            raise InputError("CT-derived phantoms need --from-ct and --bone-labels")
+        if self.crop % 8:
+            raise InputError("crop must be a multiple of 8")
+
+
+@dataclass
+class TrainingCase:
+    """A prepared phantom on the working grid: network input, FOV mask, labels (-1 outside the FOV)."""
+
+    features: np.ndarray
+    valid: np.ndarray
+    labels: np.ndarray
+    lesion_voxels: np.ndarray = field(default_factory=lambda: np.zeros((0, 3), dtype=np.int64))
+    valid_voxels: np.ndarray = field(default_factory=lambda: np.zeros((0, 3), dtype=np.int64))
+
+
+def prepare_training_case(spect: sitk.Image, ct: sitk.Image, truth: sitk.Image,
+                          spacing_mm: float = DEFAULT_SPACING_MM) -> TrainingCase:
+    """A phantom's images brought onto the working grid as at inference, truth by nearest neighbour."""
+    case = prepare_case(spect, ct, spacing_mm)
+    labels = resample_to(sitk.Cast(truth, sitk.sitkUInt8), case.grid, linear=False).astype(np.int64)
+    labels[~case.valid] = IGNORE
+    return TrainingCase(case.features, case.valid, labels, np.argwhere(labels == 2), np.argwhere(case.valid))
+
+
+# ----- distributed context ------------------------------------------------------------------------
+@dataclass
+class Distributed:
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_name: str) -> Distributed:
+    """Join the torchrun process group when WORLD_SIZE > 1 (gloo on CPU, NCCL on CUDA)."""
+    from .inference import resolve_device
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = resolve_device(device_name)
+    if world <= 1:
+        return Distributed(0, 1, device)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend)
+    return Distributed(dist.get_rank(), dist.get_world_size(), device)
+
+
+# ----- data -----------------------------------------------------------------------------------------
+def phantom_plan(config: TrainConfig) -> List[Tuple[str, int]]:
+    """(kind, seed) of every training phantom, in a fixed order."""
+    plan = [("procedural", config.seed + i) for i in range(config.phantoms)]
+    plan += [("ct", config.seed + config.phantoms + i) for i in range(config.ct_phantoms)]
+    return plan
+
+
+def build_cases(plan: Sequence[Tuple[str, int]], config: TrainConfig,
+                progress: Optional[ProgressCallback] = None) -> List[TrainingCase]:
+    """Generate and prepare the phantoms of ``plan``."""
+    from .imageio import read_image
+    from .phantoms import generate_phantom
+
+    ct = read_image(config.ct_path) if config.ct_path else None
+    bone = read_image(config.bone_labels_path) if config.bone_labels_path else None
+    cases = []
+    for number, (kind, seed) in enumerate(plan, start=1):
+        phantom = generate_phantom(seed, kind=kind, ct=ct, bone_labels=bone)
+        cases.append(prepare_training_case(phantom.spect, phantom.ct, phantom.truth, config.spacing_mm))
+        report(progress, number / len(plan), f"phantom {number}/{len(plan)} ({kind}, seed {seed})")
+    return cases
+
+
+def random_crop(case: TrainingCase, crop: int, rng: np.random.Generator, lesion_fraction: float,
+                ct_dropout: float) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A (features, valid, labels) crop of side ``crop``, zero/ignore-padded, with augmentation."""
+    shape = np.array(case.valid.shape)
+    if len(case.lesion_voxels) and rng.random() < lesion_fraction:
+        centre = case.lesion_voxels[rng.integers(len(case.lesion_voxels))] + rng.integers(-crop // 4, crop // 4 + 1, 3)
+    else:
+        centre = case.valid_voxels[rng.integers(len(case.valid_voxels))]
+    begin = centre - crop // 2
+    src = [slice(max(b, 0), min(b + crop, n)) for b, n in zip(begin, shape)]
+    dst = [slice(s.start - b, s.stop - b) for s, b in zip(src, begin)]
+    features = np.zeros((case.features.shape[0], crop, crop, crop), dtype=np.float32)
+    valid = np.zeros((crop, crop, crop), dtype=bool)
+    labels = np.full((crop, crop, crop), IGNORE, dtype=np.int64)
+    features[(slice(None),) + tuple(dst)] = case.features[(slice(None),) + tuple(src)]
+    valid[tuple(dst)] = case.valid[tuple(src)]
+    labels[tuple(dst)] = case.labels[tuple(src)]
+    if rng.random() < ct_dropout:
+        features[1:] = 0.0
+    if rng.random() < 0.5:  # left-right mirror: anatomy is roughly symmetric
+        features, valid, labels = features[..., ::-1], valid[..., ::-1], labels[..., ::-1]
+    gain = float(np.exp(rng.normal(0.0, 0.1)))  # residual SPECT scale jitter after normalisation
+    features = features.copy()
+    features[0] *= gain
+    return features, valid.copy(), labels.copy()
+
+
+def make_batch(cases: Sequence[TrainingCase], config: TrainConfig, rng: np.random.Generator,
+               device: torch.device) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    crops = [random_crop(cases[rng.integers(len(cases))], config.crop, rng, config.lesion_crop_fraction,
+                         config.ct_dropout) for _ in range(config.batch)]
+    features, valid, labels = (torch.from_numpy(np.stack(parts)).to(device) for parts in zip(*crops))
+    return features, valid[:, None], labels
+
+
+# ----- loss -----------------------------------------------------------------------------------------
+def balanced_label_loss(memberships: torch.Tensor, labels: torch.Tensor, q: float) -> torch.Tensor:
+    """Mean over the classes present in ``labels`` of the FCM label loss restricted to that class."""
+    terms = []
+    for k in range(memberships.shape[1]):
+        selected = labels == k
+        if bool(selected.any()):
+            terms.append(fcm_label_loss(memberships, torch.where(selected, labels, torch.full_like(labels, IGNORE)), q=q))
+    return torch.stack(terms).mean() if terms else memberships.sum() * 0.0
+
+
+def training_loss(memberships: torch.Tensor, features: torch.Tensor, valid: torch.Tensor, labels: torch.Tensor,
+                  config: TrainConfig) -> torch.Tensor:
+    """RFCM on SPECT and CT intensities (+ alpha * balanced label loss unless unsupervised)."""
+    intensities = features[:, :2] * valid
+    loss = rfcm_loss(memberships, intensities, q=config.q, beta=config.beta, mask=valid)
+    if config.unsupervised or config.alpha == 0:
+        return loss
+    return loss + config.alpha * balanced_label_loss(memberships, labels, config.q)
+
+
+def order_clusters_by_spect(network: UNet, cases: Sequence[TrainingCase], device: torch.device) -> List[int]:
+    """Permute the head's outputs so clusters run background < bone < lesion by mean SPECT."""
+    means = torch.zeros(network.config["num_classes"])
+    weights = torch.zeros_like(means)
+    network.eval()
+    with torch.no_grad():
+        for case in cases[:4]:
+            crop = tuple(slice(0, n // 8 * 8) for n in case.valid.shape)
+            x = torch.from_numpy(case.features[(slice(None),) + crop][None]).to(device)
+            u = network(x)[0].cpu()
+            spect = x[0, 0].cpu()
+            means += (u * spect).flatten(1).sum(1)
+            weights += u.flatten(1).sum(1)
+    order = torch.argsort(means / weights.clamp_min(1e-8)).tolist()
+    last = network.head[-1]
+    with torch.no_grad():
+        last.weight.copy_(last.weight[order].clone())
+        last.bias.copy_(last.bias[order].clone())
+    return order
+
+
+# ----- validation -----------------------------------------------------------------------------------
+def validate(model: LoadedModel, count: int, device: str = "cpu") -> Dict[str, Any]:
+    """Mean per-class Dice of ``model`` on ``count`` held-out procedural phantoms, with and without CT."""
+    from .metrics import evaluate_images
+    from .phantoms import generate_phantom
+    from .segmentation import segment
+
+    results: Dict[str, List[float]] = {}
+    for i in range(count):
+        phantom = generate_phantom(VALIDATION_SEED_BASE + i, kind="procedural")
+        for label, ct in (("spect_ct", phantom.ct), ("spect_only", None)):
+            result = segment(phantom.spect, ct, model, device=device)
+            truth = phantom.truth
+            for name, value in evaluate_images(result.labels, truth).items():
+                results.setdefault(f"{label}_{name}_dice", []).append(value)
+    summary = {key: float(np.nanmean(values)) if np.isfinite(values).any() else None
+               for key, values in results.items()}
+    summary["seeds"] = [VALIDATION_SEED_BASE + i for i in range(count)]
+    return summary
+
+
+# ----- the loop ---------------------------------------------------------------------------------------
+def train(config: TrainConfig, progress: Optional[ProgressCallback] = None,
+          log: Callable[[str], None] = print) -> Dict[str, Any]:
+    """Train a model as ``config`` says and write it (with its card) to ``config.out``; returns the card."""
+    context = init_distributed(config.device)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)  # identical initial weights on every rank
+    network = UNet(channels=config.channels).to(context.device)
+    plan = phantom_plan(config)[context.rank::context.world]
+    started = time.monotonic()
+    cases = build_cases(plan, config, progress if context.is_main else None)
+    if context.is_main:
+        log(f"prepared {len(cases)} phantoms per rank in {time.monotonic() - started:.0f} s; "
+            f"{count_parameters(network)} parameters; world size {context.world}")
+    trainee = network
+    if context.world > 1:
+        trainee = torch.nn.parallel.DistributedDataParallel(
+            network, device_ids=[context.device.index] if context.device.type == "cuda" else None)
+    optimiser = torch.optim.AdamW(trainee.parameters(), lr=config.learning_rate, weight_decay=1e-5)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, config.learning_rate, total_steps=config.steps,
+                                                   pct_start=0.1)
+    rng = np.random.default_rng([config.seed, context.rank])
+    use_amp = context.device.type == "cuda"
+    losses: List[float] = []
+    card: Dict[str, Any] = {}
+    for step in range(1, config.steps + 1):
+        trainee.train()
+        features, valid, labels = make_batch(cases, config, rng, context.device)
+        with torch.autocast(context.device.type, dtype=torch.bfloat16, enabled=use_amp):
+            memberships = trainee(features)
+        loss = training_loss(memberships.float(), features, valid, labels, config)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainee.parameters(), 5.0)
+        optimiser.step()
+        schedule.step()
+        losses.append(float(loss.detach()))
+        if context.is_main:
+            report(progress, step / config.steps, f"step {step}/{config.steps} loss {np.mean(losses[-50:]):.4f}")
+            if step % config.checkpoint_every == 0 and step < config.steps:
+                card = _save(network, config, step, losses, started, context, None)
+    order = order_clusters_by_spect(network, cases, context.device) if config.unsupervised else None
+    if context.is_main:
+        network.eval()
+        validation = validate(LoadedModel(network, new_card(network, config.spacing_mm)),
+                              config.validation_phantoms, str(context.device)) if config.validation_phantoms else {}
+        card = _save(network, config, config.steps, losses, started, context, validation, order)
+        log(f"wrote {config.out}; validation {json.dumps(validation)}")
+    if context.world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return card
+
+
+def _save(network: UNet, config: TrainConfig, step: int, losses: List[float], started: float,
+          context: Distributed, validation: Optional[Dict[str, Any]], order: Optional[List[int]] = None
+          ) -> Dict[str, Any]:
+    training = {
+        "config": asdict(config),
+        "loss": "RFCM only (unsupervised)" if config.unsupervised else
+                f"RFCM(q={config.q}, beta={config.beta}) + {config.alpha} * class-balanced FCM label loss",
+        "phantom_seeds": {"procedural": [config.seed, config.seed + config.phantoms - 1],
+                          "ct_derived": config.ct_phantoms},
+        "steps": step,
+        "final_loss": float(np.mean(losses[-50:])),
+        "seconds": round(time.monotonic() - started, 1),
+        "world_size": context.world,
+        "device": str(context.device),
+        "cluster_order": order,
+    }
+    card = new_card(network, config.spacing_mm, training=training, validation=validation or {})
+    return save_model(config.out, network, card)

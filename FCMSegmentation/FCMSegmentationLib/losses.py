@@ -128,15 +128,24 @@ def _reduce(per_image: torch.Tensor, reduction: str) -> torch.Tensor:
 def _neighbour_sum(x: torch.Tensor) -> torch.Tensor:
     """Sum of each voxel's 8 (2-D) / 26 (3-D) neighbours, zero padding, per channel.
 
-    x: (N, K, *spatial) -> (N, K, *spatial); implemented as a convolution with a ones kernel whose centre
-    is 0.
+    x: (N, K, *spatial) -> (N, K, *spatial). The 3^d box sum, done separably (three shifted adds per
+    axis on a zero-padded copy), minus the centre: the same as a convolution with a ones kernel
+    without its centre, and several times faster on CPU than a single-channel convolution.
     """
-    n, k = x.shape[:2]
-    spatial = x.shape[2:]
-    kernel = torch.ones((1, 1) + (3,) * len(spatial), dtype=x.dtype, device=x.device)
-    kernel[(0, 0) + (1,) * len(spatial)] = 0.0
-    conv = F.conv2d if len(spatial) == 2 else F.conv3d
-    return conv(x.reshape((n * k, 1) + tuple(spatial)), kernel, padding=1).reshape(x.shape)
+    box = x
+    for axis in range(2, x.dim()):
+        padded = F.pad(box, _pad_one(x.dim(), axis))
+        length = x.shape[axis]
+        box = padded.narrow(axis, 0, length) + padded.narrow(axis, 1, length) + padded.narrow(axis, 2, length)
+    return box - x
+
+
+def _pad_one(ndim: int, axis: int) -> Tuple[int, ...]:
+    """``F.pad`` widths adding one zero on both sides of ``axis`` only (F.pad lists the last axis first)."""
+    widths = [0] * (2 * (ndim - 2))
+    position = 2 * (ndim - 1 - axis)
+    widths[position] = widths[position + 1] = 1
+    return tuple(widths)
 
 
 # ------------------------------------------------------------------------------------------- RFCM

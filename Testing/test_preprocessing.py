@@ -1,0 +1,83 @@
+"""Working grid, normalisation and output geometry."""
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from conftest import make_tiny_case
+from FCMSegmentationLib.preprocessing import (
+    CT_CLIP,
+    memberships_to_output,
+    normalise_ct,
+    normalise_spect,
+    prepare_case,
+)
+from FCMSegmentationLib.segmentation import segment
+
+ROTATED = (0.0, -1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0)  # 90 degrees about z
+
+
+def test_spect_normalisation_maps_percentile_to_one():
+    counts = np.arange(1, 1001, dtype=np.float32).reshape(10, 10, 10)
+    out, scale = normalise_spect(counts, np.ones_like(counts, dtype=bool))
+    assert scale == pytest.approx(np.percentile(counts, 99.5))
+    assert out.max() <= 5.0
+    assert out[counts == scale].size == 0 or out[counts == scale][0] == pytest.approx(1.0)
+
+
+def test_ct_window():
+    hu = np.array([-1000.0, 0.0, 1000.0, 5000.0])
+    np.testing.assert_allclose(normalise_ct(hu), [0.0, 0.5, 1.0, CT_CLIP])
+
+
+def test_working_grid_is_isotropic_on_ct_direction(tiny_case):
+    spect, ct, _ = tiny_case
+    case = prepare_case(spect, ct, spacing_mm=3.0)
+    assert case.grid.GetSpacing() == pytest.approx((3.0, 3.0, 3.0))
+    assert case.grid.GetDirection() == pytest.approx(ct.GetDirection())
+    assert case.features.shape[0] == 3
+    assert case.features.shape[1:] == case.valid.shape == sitk.GetArrayViewFromImage(case.grid).shape
+    assert case.has_ct and np.all(case.features[2] == 1.0)
+
+
+def test_spect_only_uses_spect_grid_and_zero_ct_channels(tiny_case):
+    spect, _, _ = tiny_case
+    case = prepare_case(spect, None)
+    assert not case.has_ct
+    assert np.all(case.features[1:] == 0)
+    assert case.output_reference.GetSize() == spect.GetSize()
+
+
+def test_working_features_follow_physical_space_not_index_for_rotated_ct():
+    # The same anatomy with a rotated CT direction: the bone rod stays under the same physical points.
+    spect, ct, truth = make_tiny_case(ct_direction=ROTATED)
+    case = prepare_case(spect, ct)
+    ct_values = sitk.GetArrayFromImage(ct)
+    bone_index = np.argwhere(sitk.GetArrayFromImage(truth) == 1)[0]
+    point = ct.TransformIndexToPhysicalPoint([int(i) for i in bone_index[::-1]])
+    working = case.grid.TransformPhysicalPointToIndex(point)[::-1]
+    assert ct_values[tuple(bone_index)] > 300
+    assert case.features[1][working] > normalise_ct(np.array([300.0]))[0]
+
+
+@pytest.mark.parametrize("with_ct", [True, False])
+def test_segment_output_geometry_is_exactly_the_reference(tiny_case, random_model, with_ct):
+    spect, ct, _ = tiny_case
+    result = segment(spect, ct if with_ct else None, random_model, device="cpu")
+    reference = ct if with_ct else spect
+    for image in (result.labels, result.memberships):
+        assert image.GetSize() == reference.GetSize()
+        assert image.GetSpacing() == reference.GetSpacing()
+        assert image.GetOrigin() == reference.GetOrigin()
+        assert image.GetDirection() == reference.GetDirection()
+    assert result.memberships.GetNumberOfComponentsPerPixel() == 3
+    sums = sitk.GetArrayFromImage(result.memberships).sum(axis=-1)
+    np.testing.assert_allclose(sums, 1.0, atol=1e-4)
+
+
+def test_memberships_outside_working_grid_are_background(tiny_case):
+    spect, ct, _ = tiny_case
+    case = prepare_case(spect, ct)
+    uniform = np.full((3,) + case.valid.shape, 1.0 / 3, dtype=np.float32)
+    out = memberships_to_output(uniform, case)
+    assert out.shape[1:] == sitk.GetArrayViewFromImage(ct).shape
+    np.testing.assert_allclose(out.sum(axis=0), 1.0, atol=1e-5)

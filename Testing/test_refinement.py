@@ -1,0 +1,208 @@
+"""Refinement sessions: strokes on any grid, refine/adapt/undo/reset/save/cancel, one-class and empty strokes."""
+import threading
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from FCMSegmentationLib.errors import Cancelled, FCMError, InputError
+from FCMSegmentationLib.metrics import evaluate_images
+from FCMSegmentationLib.modelfile import load_model
+from FCMSegmentationLib.preprocessing import prepare_case
+from FCMSegmentationLib.refinement import RefinementSession, RefineSettings
+from FCMSegmentationLib.scribbles import UNLABELLED, scribbles_to_labels
+
+FAST = RefineSettings(steps=25, adapt_steps=10, crop=24)
+
+
+def strokes_from_truth(truth: sitk.Image, per_class: int = 40, seed: int = 0, classes=(0, 1, 2)) -> sitk.Image:
+    """Stroke codes (class + 1) on ``per_class`` random truth voxels of each class, on the truth's grid."""
+    labels = sitk.GetArrayFromImage(truth)
+    codes = np.zeros_like(labels, dtype=np.uint8)
+    rng = np.random.default_rng(seed)
+    for k in classes:
+        where = np.argwhere(labels == k)
+        chosen = where[rng.choice(len(where), min(per_class, len(where)), replace=False)]
+        codes[tuple(chosen.T)] = k + 1
+    image = sitk.GetImageFromArray(codes)
+    image.CopyInformation(truth)
+    return image
+
+
+@pytest.fixture()
+def session(tiny_case, random_model):
+    spect, ct, _ = tiny_case
+    return RefinementSession(spect, ct, random_model, "cpu", FAST)
+
+
+def weights_of(session):
+    return {k: v.clone() for k, v in session.model.network.state_dict().items()}
+
+
+def same_weights(a, b):
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2])  # lines along z, y, x: strokes drawn in any view orientation
+def test_thin_strokes_on_a_finer_grid_survive_in_every_orientation(tiny_case, axis):
+    spect, ct, _ = tiny_case
+    case = prepare_case(spect, ct)  # working grid 3 mm; strokes one voxel thin on the 2 mm CT grid
+    codes = np.zeros(sitk.GetArrayViewFromImage(ct).shape, dtype=np.uint8)
+    line = [16, 20, 24]
+    line[axis] = slice(4, 28)
+    codes[tuple(line)] = 2
+    image = sitk.GetImageFromArray(codes)
+    image.CopyInformation(ct)
+    labels = scribbles_to_labels(image, case)
+    painted = np.argwhere(labels == 1)
+    assert set(np.unique(labels)) == {UNLABELLED, 1}
+    # 24 voxels x 2 mm = 48 mm of stroke: about 16 working voxels of 3 mm along it must be labelled.
+    assert len(painted) >= 14
+    stroke = np.array([ct.TransformIndexToPhysicalPoint([int(i) for i in zyx[::-1]])
+                       for zyx in np.argwhere(codes == 2)])
+    half_diagonal = np.sqrt(3) * 1.5
+    for zyx in painted:  # each labelled working voxel contains a stroke voxel's centre
+        point = np.array(case.grid.TransformIndexToPhysicalPoint([int(i) for i in zyx[::-1]]))
+        assert np.min(np.linalg.norm(stroke - point, axis=1)) <= half_diagonal + 1e-6
+
+
+def test_strokes_on_the_working_grid_and_on_a_coarser_grid_agree(tiny_case):
+    spect, ct, _ = tiny_case
+    case = prepare_case(spect, ct)
+    codes = np.zeros(case.valid.shape, dtype=np.uint8)
+    codes[5, 6, 7] = 3
+    image = sitk.GetImageFromArray(codes)
+    image.CopyInformation(case.grid)
+    labels = scribbles_to_labels(image, case)
+    assert labels[5, 6, 7] == 2 and (labels != UNLABELLED).sum() == 1
+
+
+def test_overlapping_codes_prefer_lesion(tiny_case):
+    spect, ct, _ = tiny_case
+    case = prepare_case(spect, ct)
+    codes = np.zeros(sitk.GetArrayViewFromImage(ct).shape, dtype=np.uint8)
+    codes[16, 20, 24] = 2
+    codes[16, 20, 25] = 3  # 2 mm apart: both fall into one 3 mm working voxel or neighbours
+    image = sitk.GetImageFromArray(codes)
+    image.CopyInformation(ct)
+    labels = scribbles_to_labels(image, case)
+    assert 2 in labels
+
+
+def test_refine_rounds_improve_a_poor_model(tiny_case, session):
+    _, _, truth = tiny_case
+    before = evaluate_images(session.segment().labels, truth)
+    for round_number in range(3):
+        result = session.refine(strokes_from_truth(truth, seed=round_number))
+    after = evaluate_images(result.labels, truth)
+    assert after["bone"] > before["bone"] + 0.2
+    assert session.history[-1].action == "refine" and session.can_undo
+
+
+def test_undo_and_reset_restore_exact_states(tiny_case, session):
+    _, _, truth = tiny_case
+    pretrained = sitk.GetArrayFromImage(session.segment().memberships)
+    pretrained_weights = weights_of(session)
+    first = sitk.GetArrayFromImage(session.refine(strokes_from_truth(truth)).memberships)
+    session.refine(strokes_from_truth(truth, seed=1))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(session.undo().memberships), first)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(session.reset().memberships), pretrained)
+    assert same_weights(weights_of(session), pretrained_weights)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(session.undo().memberships), first)  # reset is undoable
+    session.undo()
+    with pytest.raises(FCMError, match="nothing to undo"):
+        session.undo()
+
+
+def test_save_writes_a_model_that_reproduces_the_session(tiny_case, session, tmp_path):
+    spect, ct, truth = tiny_case
+    refined = session.refine(strokes_from_truth(truth))
+    card = session.save(tmp_path / "tuned.pt")
+    assert card["fine_tuning"]["rounds"][-1]["action"] == "refine"
+    reloaded = RefinementSession(spect, ct, load_model(tmp_path / "tuned.pt"), "cpu", FAST)
+    np.testing.assert_allclose(sitk.GetArrayFromImage(reloaded.segment().memberships),
+                               sitk.GetArrayFromImage(refined.memberships), atol=1e-5)
+    assert [p.name for p in tmp_path.iterdir()] == ["tuned.pt"]  # no temporary file left
+
+
+def test_cancel_leaves_the_session_exactly_as_before(tiny_case, session):
+    _, _, truth = tiny_case
+    session.refine(strokes_from_truth(truth))
+    weights, depth = weights_of(session), len(session._undo)
+    before = sitk.GetArrayFromImage(session.segment().memberships)
+    cancel = threading.Event()
+
+    def cancel_after_a_few_steps(fraction, message):
+        if fraction > 0.2:
+            cancel.set()
+
+    with pytest.raises(Cancelled):
+        session.refine(strokes_from_truth(truth, seed=3), progress=cancel_after_a_few_steps, cancel=cancel)
+    assert same_weights(weights_of(session), weights) and len(session._undo) == depth
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(session.segment().memberships), before)
+
+
+def test_cancel_from_another_thread(tiny_case, session):
+    _, _, truth = tiny_case
+    cancel = threading.Event()
+    timer = threading.Timer(0.05, cancel.set)
+    timer.start()
+    with pytest.raises(Cancelled):
+        session.refine(strokes_from_truth(truth), steps=100000, cancel=cancel)
+    timer.cancel()
+    assert not session.can_undo
+
+
+def test_empty_strokes_are_a_clear_error(tiny_case, session):
+    _, ct, _ = tiny_case
+    empty = sitk.Image(ct.GetSize(), sitk.sitkUInt8)
+    empty.CopyInformation(ct)
+    with pytest.raises(InputError, match="paint at least one stroke"):
+        session.refine(empty)
+
+
+def test_strokes_outside_the_image_are_a_clear_error(tiny_case, session):
+    _, _, truth = tiny_case
+    strokes = strokes_from_truth(truth)
+    strokes.SetOrigin((1000.0, 1000.0, 1000.0))
+    with pytest.raises(InputError, match="no painted strokes inside the image"):
+        session.refine(strokes)
+
+
+def test_bad_stroke_codes_are_rejected(tiny_case, session):
+    _, _, truth = tiny_case
+    with pytest.raises(InputError, match="codes must be"):
+        session.refine(sitk.Cast(truth, sitk.sitkUInt8) * 3)
+
+
+def test_one_class_strokes_refine_toward_that_class(tiny_case, session):
+    _, _, truth = tiny_case
+    result = session.refine(strokes_from_truth(truth, classes=(1,)), alpha=5.0)
+    bone_voxels = sitk.GetArrayFromImage(truth) == 1
+    memberships = sitk.GetArrayFromImage(result.memberships)
+    assert memberships[bone_voxels, 1].mean() > 0.5
+
+
+def test_adapt_needs_no_strokes_and_is_undoable(session):
+    weights = weights_of(session)
+    session.adapt()
+    assert not same_weights(weights_of(session), weights)
+    assert session.history[-1].action == "adapt"
+    session.undo()
+    assert same_weights(weights_of(session), weights)
+
+
+def test_full_mode_recomputes_features(tiny_case, random_model):
+    spect, ct, truth = tiny_case
+    session = RefinementSession(spect, ct, random_model, "cpu", RefineSettings(steps=3, crop=16, mode="full"))
+    features = session._state.features
+    session.refine(strokes_from_truth(truth))
+    assert not torch.equal(session._state.features, features)
+
+
+def test_settings_are_validated():
+    with pytest.raises(InputError):
+        RefineSettings(mode="everything")
+    with pytest.raises(InputError):
+        RefineSettings(steps=0)

@@ -12,7 +12,7 @@ at the end.
 """
 import copy
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -140,26 +140,30 @@ class RefinementSession:
         scribbles: sitk.Image,
         steps: Optional[int] = None,
         alpha: Optional[float] = None,
+        beta: Optional[float] = None,
         progress: Optional[ProgressCallback] = None,
         cancel: Optional[CancelToken] = None,
     ) -> SegmentationResult:
-        """Fine-tune on painted strokes (codes 0 none, 1 background, 2 bone, 3 lesion; any grid)."""
+        """Fine-tune on painted strokes (codes 0 none, 1 background, 2 bone, 3 lesion; any grid).
+
+        ``steps``, ``alpha`` and ``beta`` override the session's settings for this call only.
+        """
         labels = scribbles_to_labels(scribbles, self.case)
         require_strokes(labels)
-        alpha = self.settings.alpha if alpha is None else float(alpha)
-        if alpha < 0:
-            raise InputError("alpha must be non-negative")
-        return self._fine_tune("refine", labels, alpha, steps or self.settings.steps, progress, cancel)
+        settings = self._call_settings(steps=steps, alpha=alpha, beta=beta)
+        return self._fine_tune("refine", labels, settings, settings.steps, progress, cancel)
 
     def adapt(
         self,
         steps: Optional[int] = None,
+        beta: Optional[float] = None,
         progress: Optional[ProgressCallback] = None,
         cancel: Optional[CancelToken] = None,
     ) -> SegmentationResult:
         """Label-free adaptation: fine-tune with L_RFCM alone on this image (new scanner/reconstruction)."""
         labels = np.full(self.case.valid.shape, UNLABELLED, dtype=np.int64)
-        return self._fine_tune("adapt", labels, 0.0, steps or self.settings.adapt_steps, progress, cancel)
+        settings = self._call_settings(adapt_steps=steps, alpha=0.0, beta=beta)
+        return self._fine_tune("adapt", labels, settings, settings.adapt_steps, progress, cancel)
 
     def undo(self) -> SegmentationResult:
         """Return to the state before the last refine, adapt or reset."""
@@ -187,6 +191,10 @@ class RefinementSession:
         return save_model(path, self.model.network, card)
 
     # ----- internals ----------------------------------------------------------------------------
+    def _call_settings(self, **overrides: Any) -> RefineSettings:
+        """The session's settings with this call's non-None overrides (validated)."""
+        return replace(self.settings, **{k: v for k, v in overrides.items() if v is not None})
+
     def _rfcm_inputs(self) -> Tuple[torch.Tensor, torch.Tensor]:
         channels = [c for c in self.settings.rfcm_channels if c == 0 or self.case.has_ct]
         intensities = torch.from_numpy(self.case.features[channels][None]).to(self.device)
@@ -225,13 +233,13 @@ class RefinementSession:
         self._state = state
         self.model.network.load_state_dict(state.weights)
 
-    def _fine_tune(self, action: str, labels: np.ndarray, alpha: float, steps: int,
+    def _fine_tune(self, action: str, labels: np.ndarray, settings: RefineSettings, steps: int,
                    progress: Optional[ProgressCallback], cancel: Optional[CancelToken]) -> SegmentationResult:
         start = time.monotonic()
         trainee = copy.deepcopy(self.model.network).to(self.device)
-        full = self.settings.mode == "full"
+        full = settings.mode == "full"
         train_progress = scaled(progress, 0.0, 0.6 if full else 0.95)
-        final_loss = self._optimise(trainee, labels, alpha, steps, full, train_progress, cancel)
+        final_loss = self._optimise(trainee, labels, settings, steps, full, train_progress, cancel)
         features = (self._compute_features(trainee.eval(), scaled(progress, 0.6, 0.95), cancel)
                     if full else self._state.features)
         check_cancel(cancel)
@@ -240,9 +248,8 @@ class RefinementSession:
         report(progress, 1.0, f"{action}: done")
         return self.segment()
 
-    def _optimise(self, trainee: UNet, labels: np.ndarray, alpha: float, steps: int, full: bool,
+    def _optimise(self, trainee: UNet, labels: np.ndarray, settings: RefineSettings, steps: int, full: bool,
                   progress: Optional[ProgressCallback], cancel: Optional[CancelToken]) -> float:
-        settings = self.settings
         rng = np.random.default_rng(settings.seed + len(self.history))
         torch.manual_seed(settings.seed + len(self.history))
         labelled = np.argwhere(labels != UNLABELLED)
@@ -253,7 +260,7 @@ class RefinementSession:
         for step in range(steps):
             check_cancel(cancel)
             optimiser.zero_grad(set_to_none=True)
-            loss = self._step_loss(trainee, labels, labelled, alpha, full, rng)
+            loss = self._step_loss(trainee, labels, labelled, settings, full, rng)
             loss.backward()
             optimiser.step()
             loss_value = float(loss.detach())
@@ -267,29 +274,30 @@ class RefinementSession:
         trainee.eval()
         return loss_value
 
-    def _step_loss(self, trainee: UNet, labels: np.ndarray, labelled: np.ndarray, alpha: float, full: bool,
-                   rng: np.random.Generator) -> torch.Tensor:
+    def _step_loss(self, trainee: UNet, labels: np.ndarray, labelled: np.ndarray, settings: RefineSettings,
+                   full: bool, rng: np.random.Generator) -> torch.Tensor:
+        alpha, q = settings.alpha, settings.q
         region = self._sample_crop(labelled, rng, multiple=trainee.size_multiple if full else 1)
         crop = (slice(None), slice(None)) + region
         if full:
             memberships = trainee(torch.from_numpy(self.case.features[None][crop]).to(self.device))
         else:
             memberships = self._head_memberships(trainee.head, self._state.features[crop])
-        loss = rfcm_loss(memberships, self._intensities[crop], q=self.settings.q, beta=self.settings.beta,
+        loss = rfcm_loss(memberships, self._intensities[crop], q=q, beta=settings.beta,
                          mask=self._mask[crop], channel_weights=self._channel_weights())
         if alpha == 0 or len(labelled) == 0:
             return loss
         if full:  # label loss on the painted voxels inside this crop
             crop_labels = torch.from_numpy(labels[region][None]).to(self.device)
             if (crop_labels != UNLABELLED).any():
-                loss = loss + alpha * fcm_label_loss(memberships, crop_labels, q=self.settings.q)
+                loss = loss + alpha * fcm_label_loss(memberships, crop_labels, q=q)
             return loss
         chosen = labelled if len(labelled) <= MAX_LABELLED_PER_STEP else \
             labelled[rng.choice(len(labelled), MAX_LABELLED_PER_STEP, replace=False)]
         z, y, x = (torch.from_numpy(chosen[:, i]).to(self.device) for i in range(3))
         voxel_memberships = pointwise_head_memberships(trainee.head, self._state.features[0][:, z, y, x])
         target = torch.from_numpy(labels[chosen[:, 0], chosen[:, 1], chosen[:, 2]]).to(self.device)
-        return loss + alpha * fcm_label_loss(voxel_memberships[None, :, :, None], target[None, :, None], q=self.settings.q)
+        return loss + alpha * fcm_label_loss(voxel_memberships[None, :, :, None], target[None, :, None], q=q)
 
     def _sample_crop(self, labelled: np.ndarray, rng: np.random.Generator, multiple: int) -> Tuple[slice, ...]:
         shape = np.array(self.case.valid.shape)

@@ -1,0 +1,101 @@
+"""Training: data preparation, crops, the class-balanced loss, a short run, unsupervised ordering, and
+a 2-process DistributedDataParallel run on the gloo backend through torchrun."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from conftest import REPO, make_tiny_case
+from FCMSegmentationLib.losses import fcm_label_loss
+from FCMSegmentationLib.modelfile import load_model
+from FCMSegmentationLib.training import (
+    IGNORE,
+    TrainConfig,
+    balanced_label_loss,
+    phantom_plan,
+    prepare_training_case,
+    random_crop,
+    train,
+)
+
+TINY = dict(phantoms=2, validation_phantoms=0, steps=4, batch=1, crop=16, channels=(4, 8), checkpoint_every=2)
+
+
+def test_prepared_case_has_labels_on_the_working_grid(tiny_case):
+    spect, ct, truth = tiny_case
+    case = prepare_training_case(spect, ct, truth)
+    assert case.labels.shape == case.valid.shape == case.features.shape[1:]
+    assert set(np.unique(case.labels)) <= {IGNORE, 0, 1, 2}
+    assert (case.labels == 2).sum() == len(case.lesion_voxels) > 0
+    assert np.all(case.labels[~case.valid] == IGNORE)
+
+
+def test_random_crop_pads_and_can_drop_ct(tiny_case):
+    case = prepare_training_case(*tiny_case)
+    rng = np.random.default_rng(0)
+    features, valid, labels = random_crop(case, 48, rng, lesion_fraction=1.0, ct_dropout=1.0)
+    assert features.shape == (3, 48, 48, 48) and valid.shape == labels.shape == (48, 48, 48)
+    assert np.all(features[1:] == 0)  # CT dropped
+    assert np.all(labels[~valid] == IGNORE)
+    assert (labels == 2).any()  # centred on a lesion
+
+
+def test_balanced_label_loss_weights_classes_equally():
+    u = torch.softmax(torch.randn(1, 3, 10, 10), dim=1)
+    labels = torch.zeros(1, 10, 10, dtype=torch.long)
+    labels[0, 0, 0] = 2  # one lesion voxel among 99 background ones
+    per_class = [fcm_label_loss(u, torch.where(labels == k, labels, torch.full_like(labels, -1))) for k in (0, 2)]
+    assert torch.allclose(balanced_label_loss(u, labels, 2.0), (per_class[0] + per_class[1]) / 2)
+
+
+def test_phantom_plan_seeds_are_disjoint_from_validation_and_benchmark():
+    from FCMSegmentationLib.training import BENCHMARK_SEED_BASE, VALIDATION_SEED_BASE
+
+    plan = phantom_plan(TrainConfig(out="x.pt", phantoms=48, ct_phantoms=8, ct_path="a", bone_labels_path="b"))
+    seeds = [seed for _, seed in plan]
+    assert len(set(seeds)) == 56 and max(seeds) < VALIDATION_SEED_BASE < BENCHMARK_SEED_BASE
+
+
+def test_short_training_run_writes_a_loadable_model_with_card(tmp_path):
+    out = tmp_path / "model.pt"
+    card = train(TrainConfig(out=str(out), **TINY), log=lambda line: None)
+    loaded = load_model(out)
+    assert loaded.card["weights_sha256"] == card["weights_sha256"]
+    training = loaded.card["training"]
+    assert training["steps"] == 4 and training["world_size"] == 1
+    assert np.isfinite(training["final_loss"])
+    assert loaded.card["torch_version"] == torch.__version__
+    assert loaded.card["architecture"]["channels"] == [4, 8]
+
+
+def test_unsupervised_run_orders_clusters_by_spect(tmp_path):
+    out = tmp_path / "unsup.pt"
+    card = train(TrainConfig(out=str(out), unsupervised=True, **TINY), log=lambda line: None)
+    assert sorted(card["training"]["cluster_order"]) == [0, 1, 2]
+    assert "RFCM only" in card["training"]["loss"]
+
+
+def test_invalid_configuration_is_refused():
+    from FCMSegmentationLib.errors import InputError
+
+    with pytest.raises(InputError):
+        TrainConfig(out="m.pt", steps=0)
+    with pytest.raises(InputError, match="from-ct"):
+        TrainConfig(out="m.pt", ct_phantoms=2)
+
+
+def test_two_process_ddp_on_gloo(tmp_path):
+    out = tmp_path / "ddp.pt"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "FCMSegmentation"))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "FCMSegmentationLib.cli", "train", "--out", str(out), "--phantoms", "2", "--steps", "3",
+               "--batch", "1", "--crop", "16", "--channels", "4", "8", "--validation", "0", "--device", "cpu"]
+    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    card = load_model(out).card
+    assert card["training"]["world_size"] == 2
+    assert card["training"]["steps"] == 3

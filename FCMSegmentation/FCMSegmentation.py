@@ -274,22 +274,8 @@ class FCMTask:
         self.job.cancelEvent.set()
 
 
-def _callSupported(function: Callable, *args, **kwargs):
-    """Call ``function`` with the keyword arguments its signature accepts (others are logged and dropped)."""
-    parameters = inspect.signature(function).parameters
-    if not any(p.kind == inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
-        dropped = sorted(k for k in kwargs if k not in parameters)
-        if dropped:
-            logging.info("FCMSegmentation: %s does not take %s; using its defaults", function.__name__, ", ".join(dropped))
-        kwargs = {k: v for k, v in kwargs.items() if k in parameters}
-    return function(*args, **kwargs)
-
-
 def _newSession(spect, ct, modelPath: str, randomWeights: bool, device: str, patchSize: int, progress, cancel):
-    """Worker thread: a RefinementSession on the given images with the chosen model.
-
-    ``patch`` (sliding-window size) is passed only if the engine's session accepts it.
-    """
+    """Worker thread: a RefinementSession on the given images with the chosen model."""
     from FCMSegmentationLib.refinement import RefinementSession
 
     model: Any = None  # None: the shipped default model
@@ -299,8 +285,8 @@ def _newSession(spect, ct, modelPath: str, randomWeights: bool, device: str, pat
         model = random_model("cpu")
     elif modelPath:
         model = modelPath
-    return _callSupported(RefinementSession, spect, ct, model=model, device=device, patch=int(patchSize),
-                          progress=progress, cancel=cancel)
+    return RefinementSession(spect, ct, model=model, device=device, patch=int(patchSize),
+                             progress=progress, cancel=cancel)
 
 
 class FCMSegmentationDependencyError(RuntimeError):
@@ -556,7 +542,6 @@ class FCMSegmentationLogic(ScriptedLoadableModuleLogic):
         """Start segmenting ``spectNode`` (+ ``ctNode``) into ``outputSegmentationNode`` (created if None).
 
         ``randomWeights`` runs an untrained network (smoke tests only: the result is meaningless).
-        ``patchSize`` is passed to the session when the engine accepts it.
         """
         self._checkIdle()
         if spectNode is None:
@@ -604,8 +589,8 @@ class FCMSegmentationLogic(ScriptedLoadableModuleLogic):
         session = self._session
 
         def work(progress, cancel):
-            return _callSupported(session.refine, scribbles, steps=int(steps), alpha=float(alpha),
-                                  beta=float(beta), progress=progress, cancel=cancel)
+            return session.refine(scribbles, steps=int(steps), alpha=float(alpha), beta=float(beta),
+                                  progress=progress, cancel=cancel)
 
         return self._submit(_("Refining"), work, self._applyResult)
 
@@ -619,8 +604,7 @@ class FCMSegmentationLogic(ScriptedLoadableModuleLogic):
         session = self._session
 
         def work(progress, cancel):
-            return _callSupported(session.adapt, steps=int(steps), beta=float(beta), progress=progress,
-                                  cancel=cancel)
+            return session.adapt(steps=int(steps), beta=float(beta), progress=progress, cancel=cancel)
 
         return self._submit(_("Adapting"), work, self._applyResult)
 

@@ -28,9 +28,9 @@ def resolve_device(name: str = "auto") -> torch.device:
             return torch.device("cuda")
         return torch.device("mps") if mps_ok else torch.device("cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError("device 'cuda' requested but no CUDA GPU is available to torch; use --device cpu")
+        raise InputError("device 'cuda' requested but no CUDA GPU is available to torch; choose the CPU (device 'cpu') or 'auto'")
     if name == "mps" and not mps_ok:
-        raise InputError("device 'mps' requested but Apple MPS is not available; use --device cpu")
+        raise InputError("device 'mps' requested but Apple MPS is not available; choose the CPU (device 'cpu') or 'auto'")
     if name not in ("cpu", "mps") and not name.startswith("cuda"):
         raise InputError(f"unknown device {name!r}; use auto, cpu, cuda or mps")
     return torch.device(name)

@@ -504,17 +504,35 @@ def format_statistics(stats: Dict[str, Optional[float]]) -> str:
 
 @dataclass
 class AppliedResult:
-    """What :func:`apply_result` put into the scene.
+    """What :func:`write_result` put into the scene.
 
     segment_ids: {"bone": id, "lesion": id}. membership_nodes: the per-class volumes (empty unless asked).
-    statistics: :func:`segment_statistics`. text: statistics line, device and engine notes, for the GUI.
+    statistics: :func:`segment_statistics`. text: :func:`format_statistics` of it (one line).
     """
 
     segment_ids: Dict[str, str]
-    membership_nodes: List["slicer.vtkMRMLScalarVolumeNode"]
-    statistics: Dict[str, Optional[float]]
-    text: str
-    notes: List[str] = field(default_factory=list)
+    membership_nodes: List["slicer.vtkMRMLScalarVolumeNode"] = field(default_factory=list)
+    statistics: Dict[str, Optional[float]] = field(default_factory=dict)
+    text: str = ""
+
+
+def write_result(
+    scene: "slicer.vtkMRMLScene",
+    result,
+    segmentation_node: "slicer.vtkMRMLSegmentationNode",
+    source_volume_node: Optional["slicer.vtkMRMLScalarVolumeNode"] = None,
+    show_memberships: bool = False,
+    membership_prefix: str = "FCM membership",
+) -> AppliedResult:
+    """Put an engine ``SegmentationResult`` into the scene (main thread) and say what was made.
+
+    Writes our Bone/Lesion segments (see :func:`write_result_segments`) and, if ``show_memberships``,
+    one membership volume per class (see :func:`membership_volumes`).
+    """
+    ids = write_result_segments(scene, segmentation_node, result.labels, source_volume_node)
+    nodes = membership_volumes(result, scene, membership_prefix) if show_memberships else []
+    stats = segment_statistics(result.labels)
+    return AppliedResult(ids, nodes, stats, format_statistics(stats))
 
 
 def apply_result(
@@ -524,14 +542,7 @@ def apply_result(
     source_volume_node: Optional["slicer.vtkMRMLScalarVolumeNode"] = None,
     show_memberships: bool = False,
     membership_prefix: str = "FCM membership",
-) -> AppliedResult:
-    """Put an engine ``SegmentationResult`` into the scene (call on the main thread).
-
-    Writes our Bone/Lesion segments (see :func:`write_result_segments`), optionally one membership volume
-    per class, and returns the statistics and a summary line.
-    """
-    ids = write_result_segments(scene, segmentation_node, result.labels, source_volume_node)
-    nodes = membership_volumes(result, scene, membership_prefix) if show_memberships else []
-    stats = segment_statistics(result.labels)
-    lines = [format_statistics(stats), f"Device: {result.device}"] + list(result.notes)
-    return AppliedResult(ids, nodes, stats, "\n".join(lines), list(result.notes))
+) -> str:
+    """:func:`write_result`, returning only the statistics line (the Logic adds device and notes)."""
+    return write_result(scene, result, segmentation_node, source_volume_node, show_memberships,
+                        membership_prefix).text

@@ -141,7 +141,8 @@ def build_cases(plan: Sequence[Tuple[str, int]], config: TrainConfig,
     bone = read_image(config.bone_labels_path) if config.bone_labels_path else None
     cases = []
     for number, (kind, seed) in enumerate(plan, start=1):
-        phantom = generate_phantom(seed, kind=kind, ct=ct, bone_labels=bone)
+        phantom = (generate_phantom(seed, kind="ct", ct=ct, bone_labels=bone) if kind == "ct"
+                   else generate_phantom(seed, kind=kind))
         cases.append(prepare_training_case(phantom.spect, phantom.ct, phantom.truth, config.spacing_mm))
         report(progress, number / len(plan), f"phantom {number}/{len(plan)} ({kind}, seed {seed})")
     return cases

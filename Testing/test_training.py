@@ -99,3 +99,14 @@ def test_two_process_ddp_on_gloo(tmp_path):
     card = load_model(out).card
     assert card["training"]["world_size"] == 2
     assert card["training"]["steps"] == 3
+
+
+def test_build_cases_mixes_procedural_and_ct_derived_phantoms(shared_data, tmp_path):
+    from FCMSegmentationLib.training import build_cases
+
+    config = TrainConfig(out=str(tmp_path / "m.pt"), phantoms=1, ct_phantoms=1,
+                         ct_path=str(shared_data / "realct_dicom" / "ct_dicom"),
+                         bone_labels_path=str(shared_data / "realct_dicom" / "totalsegmentator_labels.nii.gz"))
+    cases = build_cases(phantom_plan(config), config)
+    assert len(cases) == 2
+    assert all((case.labels == 1).any() for case in cases)  # bone in both, procedural and real anatomy

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional
 
 from .errors import FCMError, OutputError
-from .imageio import WRITABLE_SUFFIXES, compound_suffix
+from .imageio import WRITABLE_SUFFIXES, check_output_location, compound_suffix
 
 EXIT_USAGE = 2
 
@@ -36,10 +36,7 @@ def check_output_path(path: str, label: str = "output") -> Path:
     target = Path(path)
     if compound_suffix(target) not in WRITABLE_SUFFIXES:
         raise OutputError(f"{label} {target}: unsupported format; use one of {', '.join(WRITABLE_SUFFIXES)}")
-    directory = target.parent if str(target.parent) else Path(".")
-    if not directory.is_dir():
-        raise OutputError(f"{label} {target}: directory {directory} does not exist; create it first")
-    return target
+    return check_output_location(target, label)
 
 
 def print_notes(notes: List[str]) -> None:
@@ -118,8 +115,8 @@ def _session_outputs(args: argparse.Namespace):
     if args.memberships:
         check_output_path(args.memberships, "memberships")
     save_path = Path(args.save_model) if args.save_model else None
-    if save_path is not None and not (save_path.parent if str(save_path.parent) else Path(".")).is_dir():
-        raise OutputError(f"--save-model {save_path}: directory does not exist; create it first")
+    if save_path is not None:
+        check_output_location(save_path, "--save-model")
     return output, save_path
 
 
@@ -179,9 +176,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def check_output_path_model(path: str) -> None:
-    directory = Path(path).parent if str(Path(path).parent) else Path(".")
-    if not directory.is_dir():
-        raise OutputError(f"{path}: directory {directory} does not exist; create it first")
+    check_output_location(path, "--out")
 
 
 def _add_session_arguments(parser: argparse.ArgumentParser) -> None:
@@ -270,6 +265,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         return args.handler(args)
     except FCMError as err:
         print(f"error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except MemoryError:
+        print("error: out of memory; close other programs, use a smaller --patch, or run on a machine with "
+              "more memory (no output was written)", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("error: interrupted; no output was written", file=sys.stderr)

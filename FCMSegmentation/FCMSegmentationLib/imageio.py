@@ -68,25 +68,59 @@ def _first_line(err: BaseException) -> str:
     return lines[-1] if lines else type(err).__name__
 
 
+def check_output_location(path: PathLike, label: str = "output") -> Path:
+    """Fail early, with a clear :class:`OutputError`, if ``path`` cannot be written.
+
+    The directory must exist, be a directory and accept a new file: besides ``os.access`` (which says
+    yes to root for any permission bits) a probe file is really created and removed, so read-only file
+    systems, full disks and ACLs are caught too. An existing directory at ``path`` itself is refused.
+    """
+    target = Path(path)
+    directory = target.parent if str(target.parent) else Path(".")
+    if not directory.exists():
+        raise OutputError(f"{label} {target}: directory {directory} does not exist; create it first")
+    if not directory.is_dir():
+        raise OutputError(f"{label} {target}: {directory} is a file, not a directory; choose another location")
+    if target.is_dir():
+        raise OutputError(f"{label} {target}: is an existing directory; give a file name")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise OutputError(f"{label} {target}: directory {directory} is not writable; choose another location")
+    try:
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as err:
+        raise OutputError(
+            f"{label} {target}: cannot create files in {directory} ({err.strerror or type(err).__name__}); "
+            "choose another location"
+        ) from None
+    return target
+
+
 @contextlib.contextmanager
 def atomic_path(path: PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` (same suffix); rename it onto ``path`` on success.
 
-    On any exception the temporary file is removed and ``path`` is left as it was.
+    On any exception (including a cancel or Ctrl-C) the temporary file is removed and ``path`` is left
+    as it was. An ``OSError`` while writing or renaming (disk full, permissions) becomes :class:`OutputError`.
     """
-    target = Path(path)
+    target = check_output_location(path)
     directory = target.parent if str(target.parent) else Path(".")
-    if not directory.is_dir():
-        raise OutputError(f"{target}: output directory {directory} does not exist; create it first")
-    if not os.access(directory, os.W_OK):
-        raise OutputError(f"{target}: output directory {directory} is not writable")
     suffix = compound_suffix(target)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{suffix}", dir=directory)
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{suffix}", dir=directory)
+    except OSError as err:
+        raise OutputError(f"{target}: cannot create a file in {directory} ({err.strerror})") from None
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        yield tmp
-        os.replace(tmp, target)
+        try:
+            yield tmp
+            os.replace(tmp, target)
+        except OSError as err:
+            raise OutputError(
+                f"{target}: could not write ({err.strerror or type(err).__name__}); the previous file, if any, "
+                "is unchanged"
+            ) from None
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()

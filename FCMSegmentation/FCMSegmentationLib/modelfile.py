@@ -100,6 +100,8 @@ def _read_payload(path: Path):
         payload = torch.load(path, map_location="cpu", weights_only=True)
         card = json.loads(payload["card"])
         weights = payload["weights"]
+        if not isinstance(card, dict) or not isinstance(weights, torch.Tensor):
+            raise TypeError("unexpected payload")
     except Exception as err:  # torch raises many types for truncated or foreign files
         raise ModelError(
             f"{path}: not a readable FCMSegmentation model (truncated or corrupt: {type(err).__name__}); "
@@ -118,7 +120,9 @@ def _check_card(path: Path, card: Dict[str, Any]) -> None:
             f"{path}: model was saved by a newer FCMSegmentation (format {version} > {FORMAT_VERSION}); "
             "update the extension"
         )
-    arch = card.get("architecture", {})
+    arch = card.get("architecture")
+    if not isinstance(arch, dict):
+        raise ModelError(f"{path}: model card has no architecture; not an FCMSegmentation model")
     if arch.get("num_classes") != len(CLASS_NAMES):
         raise ModelError(
             f"{path}: model predicts {arch.get('num_classes')} classes; this version needs "
@@ -137,13 +141,19 @@ def load_model(path: Optional[PathLike] = None, device: Union[str, torch.device]
     card, weights = _read_payload(path)
     raw = weights.numpy().tobytes()
     if hashlib.sha256(raw).hexdigest() != card.get("weights_sha256"):
-        raise ModelError(f"{path}: weights do not match the SHA256 in the model card (corrupt file)")
+        raise ModelError(
+            f"{path}: weights do not match the SHA256 in the model card (corrupt or edited file); "
+            "download or save the model again"
+        )
     try:
         network = build_network(card["architecture"])
         state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
         network.load_state_dict(state)
     except Exception as err:
-        raise ModelError(f"{path}: weights do not fit the architecture in the card ({type(err).__name__})") from None
+        raise ModelError(
+            f"{path}: weights do not fit the architecture in the card ({type(err).__name__}); the file was not "
+            "written by FCMSegmentation's save_model: save or download it again"
+        ) from None
     return LoadedModel(network.to(device).eval(), card)
 
 

@@ -217,13 +217,13 @@ def memberships_to_output(memberships: np.ndarray, case: WorkingCase) -> np.ndar
 
     Outside the working grid the membership is 1 for background.
     """
-    out = []
+    shape = sitk.GetArrayViewFromImage(case.output_reference).shape
+    stacked = np.empty((memberships.shape[0],) + shape, dtype=np.float32)  # filled in place: no 2nd copy
     for k in range(memberships.shape[0]):
         channel = array_to_image(memberships[k].astype(np.float32), case.grid)
-        out.append(resample_to(channel, case.output_reference, default=1.0 if k == 0 else 0.0))
-    stacked = np.stack(out)
+        stacked[k] = resample_to(channel, case.output_reference, default=1.0 if k == 0 else 0.0)
     stacked /= np.maximum(stacked.sum(axis=0, keepdims=True), 1e-8)
-    return stacked.astype(np.float32)
+    return stacked
 
 
 def labels_from_memberships(memberships: np.ndarray) -> np.ndarray:

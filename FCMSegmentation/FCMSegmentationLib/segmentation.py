@@ -6,7 +6,8 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from .inference import DEFAULT_PATCH, describe_device, resolve_device, run_with_fallback, sliding_window
+from .errors import InputError
+from .inference import DEFAULT_PATCH, describe_device, estimate_run, resolve_device, run_with_fallback, sliding_window
 from .modelfile import LoadedModel, PathLike, load_model
 from .preprocessing import (
     NUM_CLASSES,
@@ -84,9 +85,16 @@ def segment(
     """
     torch_device = resolve_device(device)
     loaded = model if isinstance(model, LoadedModel) else load_model(model, torch_device)
+    multiple = loaded.network.size_multiple
+    if patch < multiple:
+        raise InputError(f"patch size {patch} is too small; use at least {multiple} voxels (default {DEFAULT_PATCH})")
     report(progress, 0.0, "preparing images")
     case = prepare_case(spect, ct, loaded.spacing_mm)
-    notes: List[str] = []
+    # Upfront: how many patches, how long, how much memory (patching bounds the network's memory).
+    estimate = estimate_run(case.features.shape[1:], patch, torch_device, loaded.network.config,
+                            multiple=multiple, in_channels=case.features.shape[0], out_channels=NUM_CLASSES)
+    notes: List[str] = [estimate.message(torch_device)]
+    report(progress, 0.05, notes[0])
     memberships = predict_working(loaded, case, torch_device, patch, scaled(progress, 0.05, 0.9), cancel, notes)
     report(progress, 0.92, "resampling onto the output grid")
     result = result_from_working(memberships, case, describe_device(torch_device), notes)

@@ -206,3 +206,11 @@ def test_settings_are_validated():
         RefineSettings(mode="everything")
     with pytest.raises(InputError):
         RefineSettings(steps=0)
+
+
+def test_refine_undo_refine_repeats_the_round_exactly(tiny_case, session):
+    _, _, truth = tiny_case
+    strokes = strokes_from_truth(truth)
+    first = sitk.GetArrayFromImage(session.refine(strokes).memberships)
+    session.undo()
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(session.refine(strokes).memberships), first)

@@ -250,8 +250,8 @@ class RefinementSession:
 
     def _optimise(self, trainee: UNet, labels: np.ndarray, settings: RefineSettings, steps: int, full: bool,
                   progress: Optional[ProgressCallback], cancel: Optional[CancelToken]) -> float:
-        rng = np.random.default_rng(settings.seed + len(self.history))
-        torch.manual_seed(settings.seed + len(self.history))
+        # Seeded by the undo depth: refine -> undo -> refine repeats the first round exactly.
+        rng = np.random.default_rng(settings.seed + len(self._undo))
         labelled = np.argwhere(labels != UNLABELLED)
         parameters = trainee.parameters() if full else trainee.head.parameters()
         optimiser = torch.optim.Adam(parameters, lr=settings.full_learning_rate if full else settings.learning_rate)
@@ -303,9 +303,10 @@ class RefinementSession:
         shape = np.array(self.case.valid.shape)
         size = np.minimum(shape, self.settings.crop)
         if multiple > 1:  # the full network needs sizes divisible by its pooling factor
-            if np.any(shape < multiple):
-                raise InputError(f"full fine-tuning needs at least {multiple} voxels per axis; use mode 'head'")
             size = size // multiple * multiple
+            if np.any(size == 0) or np.all(size == multiple):  # a 1-voxel bottleneck cannot be normalised
+                raise InputError(f"full fine-tuning needs an image of at least {multiple} voxels per axis and "
+                                 f"{2 * multiple} along one; use mode 'head'")
         if len(labelled) and rng.random() < self.settings.stroke_crop_fraction:
             centre = labelled[rng.integers(len(labelled))]
         else:

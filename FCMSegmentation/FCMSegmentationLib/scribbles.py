@@ -52,6 +52,12 @@ def scribbles_to_labels(scribbles: sitk.Image, case: WorkingCase) -> np.ndarray:
         x, y, z = target[inside].T
         labels[z, y, x] = code - 1
     labels[~case.valid] = UNLABELLED
+    painted = int((codes > 0).sum())
+    if painted and not (labels != UNLABELLED).any():
+        raise InputError(
+            f"no painted strokes inside the image: all {painted} painted voxels lie outside it "
+            "(were the strokes painted on this image, in the same frame of reference?)"
+        )
     return labels
 
 

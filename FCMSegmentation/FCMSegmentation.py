@@ -5,17 +5,14 @@ Layers (see docs/architecture.md): this file is the thin Slicer front end. The e
 MRML nodes and SimpleITK images. Nothing heavy (torch, the engine's compute modules) is imported when
 Slicer loads this module: every engine import happens inside a method, at first use.
 
-Threading: every torch computation runs on ONE persistent worker thread (:class:`_Worker`). The main
-thread converts MRML nodes to SimpleITK images, submits a job, and polls the job with a ``qt.QTimer``
+Threading: every torch computation runs on ONE persistent worker thread (``FCMSegmentationLib.worker``).
+The main thread converts MRML nodes to SimpleITK images, submits a job, and polls the job with a ``qt.QTimer``
 for progress and completion; results are written to MRML on the main thread. Worker code never touches
 Qt or MRML. Cancel sets the job's ``threading.Event``, which the engine checks between units of work.
 """
 import inspect
 import logging
 import os
-import queue
-import threading
-import traceback
 from typing import Annotated, Any, Callable, List, Optional, Tuple
 
 import qt
@@ -171,90 +168,10 @@ class FCMSegmentationParameterNode:
 #
 
 
-class _Job:
-    """One unit of engine work. ``work(progress, cancel)`` runs on the worker thread.
-
-    The worker writes progress, result and error; the main thread reads them. ``progress`` is the
-    engine's callback ``(fraction, message)``; ``cancel`` is a ``threading.Event`` (``is_set()``).
-    """
-
-    def __init__(self, name: str, work: Callable[[Callable[[float, str], None], threading.Event], Any]):
-        self.name = name
-        self.work = work
-        self.cancelEvent = threading.Event()
-        self.doneEvent = threading.Event()
-        self.result: Any = None
-        self.error: Optional[BaseException] = None
-        self.errorDetails = ""
-        self._lock = threading.Lock()
-        self._progress: Tuple[float, str] = (0.0, "waiting")
-
-    def report(self, fraction: float, message: str) -> None:
-        """The engine's progress callback (worker thread): store the latest value only."""
-        with self._lock:
-            self._progress = (float(fraction), str(message))
-
-    def progress(self) -> Tuple[float, str]:
-        with self._lock:
-            return self._progress
-
-
-class _Worker:
-    """The one persistent thread that runs all torch work of this module, one job at a time, in order.
-
-    torch must not run on Slicer's main thread, and cuDNN/autotuner caches are per thread, so every
-    job (model loading, inference, fine-tuning, saving) goes through this single thread.
-    """
-
-    def __init__(self):
-        self._jobs: "queue.Queue[Optional[_Job]]" = queue.Queue()
-        self._thread: Optional[threading.Thread] = None
-        self._startLock = threading.Lock()
-
-    def submit(self, job: _Job) -> _Job:
-        with self._startLock:
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._loop, name="FCMSegmentationWorker", daemon=True)
-                self._thread.start()
-        self._jobs.put(job)
-        return job
-
-    def _loop(self) -> None:
-        while True:
-            job = self._jobs.get()
-            if job is None:
-                return
-            try:
-                job.result = job.work(job.report, job.cancelEvent)
-            except Exception as err:  # handed to the main thread, which shows it
-                job.error = err
-                job.errorDetails = traceback.format_exc()
-            finally:
-                job.doneEvent.set()
-
-    def stop(self, timeout: float = 5.0) -> None:
-        """Let the thread finish its queue and exit (used at application shutdown and in tests)."""
-        thread = self._thread
-        if thread is not None and thread.is_alive():
-            self._jobs.put(None)
-            thread.join(timeout)
-
-
-_WORKER: Optional[_Worker] = None
-
-
-def worker() -> _Worker:
-    """The module's single worker (created on first use)."""
-    global _WORKER
-    if _WORKER is None:
-        _WORKER = _Worker()
-    return _WORKER
-
-
 class FCMTask:
     """A submitted job plus what to do with its result on the main thread (``apply(result) -> str``)."""
 
-    def __init__(self, job: _Job, apply: Callable[[Any], str], generation: int):
+    def __init__(self, job: "Job", apply: Callable[[Any], str], generation: int):
         self.job = job
         self.apply = apply
         self.generation = generation
@@ -427,10 +344,12 @@ class FCMSegmentationLogic(ScriptedLoadableModuleLogic):
     # ---- task plumbing -----------------------------------------------------------------------
 
     def _submit(self, name: str, work, apply: Callable[[Any], str], exclusive: bool = True) -> FCMTask:
-        task = FCMTask(_Job(name, work), apply, self._generation)
+        from FCMSegmentationLib.worker import Job, shared_worker
+
+        task = FCMTask(Job(name, work), apply, self._generation)
         if exclusive:
             self._activeTask = task
-        worker().submit(task.job)
+        shared_worker().submit(task.job)
         return task
 
     def _checkIdle(self) -> None:

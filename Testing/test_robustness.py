@@ -581,3 +581,25 @@ def test_same_inputs_same_seed_same_result(tiny_case):
     np.testing.assert_array_equal(m1, m2)
     assert all(torch.equal(w1[k], w2[k]) for k in w1)
     assert any(not torch.equal(w1[k], w3[k]) for k in w1)  # the seed does matter (the test can fail)
+
+
+def test_atomic_writes_get_normal_permissions_and_keep_a_replaced_files_mode(tmp_path):
+    import os
+    import stat
+
+    from FCMSegmentationLib.imageio import atomic_path
+
+    umask = os.umask(0o022)
+    try:
+        fresh = tmp_path / "new.txt"
+        with atomic_path(fresh) as tmp:
+            tmp.write_text("x")
+        assert stat.S_IMODE(fresh.stat().st_mode) == 0o644  # not mkstemp's private 0600
+        kept = tmp_path / "kept.txt"
+        kept.write_text("old")
+        os.chmod(kept, 0o640)
+        with atomic_path(kept) as tmp:
+            tmp.write_text("new")
+        assert stat.S_IMODE(kept.stat().st_mode) == 0o640 and kept.read_text() == "new"
+    finally:
+        os.umask(umask)

@@ -115,6 +115,7 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     try:
         try:
             yield tmp
+            os.chmod(tmp, _final_mode(target))
             os.replace(tmp, target)
         except OSError as err:
             raise OutputError(
@@ -125,6 +126,15 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
+
+
+def _final_mode(target: Path) -> int:
+    """The replaced file's permissions, else the usual ones for a new file (``mkstemp`` makes 0600)."""
+    if target.exists():
+        return target.stat().st_mode & 0o777
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def write_image(image: sitk.Image, path: PathLike, compress: bool = True) -> Path:

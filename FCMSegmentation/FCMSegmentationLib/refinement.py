@@ -41,7 +41,8 @@ class RefineSettings:
     alpha: weight of the label loss on painted voxels (larger than the paper's 0.1: strokes are few).
     beta, q: RFCM spatial weight and fuzzifier. crop: side of the random crops for RFCM (voxels).
     rfcm_channels / channel_weights: which input channels are the RFCM intensities (0 SPECT, 1 CT; CT
-    is used only when present) and their weights. mode: "head" (fast) or "full" (whole network).
+    is used only when present) and their weights. Default SPECT alone, as in training: CT's air /
+    tissue / bone clusters do not match the classes. mode: "head" (fast) or "full" (whole network).
     """
 
     steps: int = 60
@@ -53,8 +54,8 @@ class RefineSettings:
     q: float = 2.0
     crop: int = 48
     stroke_crop_fraction: float = 0.5
-    rfcm_channels: Tuple[int, ...] = (0, 1)
-    channel_weights: Tuple[float, ...] = (1.0, 1.0)
+    rfcm_channels: Tuple[int, ...] = (0,)
+    channel_weights: Tuple[float, ...] = (1.0,)
     patience: int = 20
     mode: str = "head"
     seed: int = 0

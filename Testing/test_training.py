@@ -44,12 +44,15 @@ def test_random_crop_pads_and_can_drop_ct(tiny_case):
     assert (labels == 2).any()  # centred on a lesion
 
 
-def test_balanced_label_loss_weights_classes_equally():
+def test_label_loss_class_balance_interpolates_between_plain_and_per_class_means():
     u = torch.softmax(torch.randn(1, 3, 10, 10), dim=1)
     labels = torch.zeros(1, 10, 10, dtype=torch.long)
     labels[0, 0, 0] = 2  # one lesion voxel among 99 background ones
-    per_class = [fcm_label_loss(u, torch.where(labels == k, labels, torch.full_like(labels, -1))) for k in (0, 2)]
-    assert torch.allclose(balanced_label_loss(u, labels, 2.0), (per_class[0] + per_class[1]) / 2)
+    means = [fcm_label_loss(u, torch.where(labels == k, labels, torch.full_like(labels, -1))) for k in (0, 2)]
+    assert torch.allclose(balanced_label_loss(u, labels, 2.0, balance=1.0), (means[0] + means[1]) / 2)
+    assert torch.allclose(balanced_label_loss(u, labels, 2.0, balance=0.0), fcm_label_loss(u, labels))
+    half = balanced_label_loss(u, labels, 2.0, balance=0.5)
+    assert torch.allclose(half, (means[0] * 99 ** 0.5 + means[1]) / (99 ** 0.5 + 1))
 
 
 def test_phantom_plan_seeds_are_disjoint_from_validation_and_benchmark():

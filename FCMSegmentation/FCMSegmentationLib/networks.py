@@ -17,21 +17,28 @@ def _conv(spatial_dims: int):
     return nn.Conv3d if spatial_dims == 3 else nn.Conv2d
 
 
-def _norm(spatial_dims: int):
-    return nn.InstanceNorm3d if spatial_dims == 3 else nn.InstanceNorm2d
+NORMS = ("batch", "instance")
+
+
+def _norm(spatial_dims: int, kind: str, channels: int) -> nn.Module:
+    """Batch norm (default: in eval mode the output does not depend on the patch size, so training
+    crops and inference patches agree) or instance norm (per-patch statistics)."""
+    if kind == "batch":
+        return (nn.BatchNorm3d if spatial_dims == 3 else nn.BatchNorm2d)(channels)
+    return (nn.InstanceNorm3d if spatial_dims == 3 else nn.InstanceNorm2d)(channels, affine=True)
 
 
 class ConvBlock(nn.Sequential):
-    """Two (3x3[x3] conv -> instance norm -> leaky ReLU) layers."""
+    """Two (3x3[x3] conv -> norm -> leaky ReLU) layers."""
 
-    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int):
-        conv, norm = _conv(spatial_dims), _norm(spatial_dims)
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, norm: str = "batch"):
+        conv = _conv(spatial_dims)
         super().__init__(
             conv(in_channels, out_channels, 3, padding=1, bias=False),
-            norm(out_channels, affine=True),
+            _norm(spatial_dims, norm, out_channels),
             nn.LeakyReLU(0.01, inplace=True),
             conv(out_channels, out_channels, 3, padding=1, bias=False),
-            norm(out_channels, affine=True),
+            _norm(spatial_dims, norm, out_channels),
             nn.LeakyReLU(0.01, inplace=True),
         )
 
@@ -46,10 +53,13 @@ class UNet(nn.Module):
         num_classes: int = 3,
         channels: Sequence[int] = (16, 32, 64, 128),
         head_channels: int = 16,
+        norm: str = "batch",
     ):
         super().__init__()
         if spatial_dims not in (2, 3):
             raise ValueError("spatial_dims must be 2 or 3")
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}")
         if len(channels) < 2:
             raise ValueError("channels needs at least two levels")
         self.config: Dict[str, Any] = {
@@ -58,6 +68,7 @@ class UNet(nn.Module):
             "num_classes": num_classes,
             "channels": list(channels),
             "head_channels": head_channels,
+            "norm": norm,
         }
         conv = _conv(spatial_dims)
         up = nn.ConvTranspose3d if spatial_dims == 3 else nn.ConvTranspose2d
@@ -67,13 +78,13 @@ class UNet(nn.Module):
         self.down = nn.ModuleList()
         previous = in_channels
         for width in widths:
-            self.down.append(ConvBlock(spatial_dims, previous, width))
+            self.down.append(ConvBlock(spatial_dims, previous, width, norm))
             previous = width
         self.up = nn.ModuleList()
         self.merge = nn.ModuleList()
         for deeper, width in zip(widths[::-1][:-1], widths[::-1][1:]):
             self.up.append(up(deeper, width, 2, stride=2))
-            self.merge.append(ConvBlock(spatial_dims, 2 * width, width))
+            self.merge.append(ConvBlock(spatial_dims, 2 * width, width, norm))
         self.head = nn.Sequential(
             conv(widths[0], head_channels, 1),
             nn.LeakyReLU(0.01, inplace=True),

@@ -256,7 +256,7 @@ class RefinementSession:
         labelled = np.argwhere(labels != UNLABELLED)
         parameters = trainee.parameters() if full else trainee.head.parameters()
         optimiser = torch.optim.Adam(parameters, lr=settings.full_learning_rate if full else settings.learning_rate)
-        trainee.train(full)
+        trainee.eval()  # batch norm keeps its trained statistics: one image is not a batch to learn them from
         best, since_best, loss_value = float("inf"), 0, float("nan")
         for step in range(steps):
             check_cancel(cancel)
@@ -272,7 +272,6 @@ class RefinementSession:
             report(progress, (step + 1) / steps, f"step {step + 1}/{steps}, loss {loss_value:.4f}")
             if since_best >= settings.patience:
                 break
-        trainee.eval()
         return loss_value
 
     def _step_loss(self, trainee: UNet, labels: np.ndarray, labelled: np.ndarray, settings: RefineSettings,

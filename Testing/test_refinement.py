@@ -13,7 +13,8 @@ from FCMSegmentationLib.preprocessing import prepare_case
 from FCMSegmentationLib.refinement import RefinementSession, RefineSettings
 from FCMSegmentationLib.scribbles import UNLABELLED, scribbles_to_labels
 
-FAST = RefineSettings(steps=25, adapt_steps=10, crop=24)
+# A random-weight model needs big moves to learn anything: fast steps, no anchor (tested on its own below).
+FAST = RefineSettings(steps=25, adapt_steps=10, crop=24, learning_rate=0.01, anchor=0.0)
 
 
 def strokes_from_truth(truth: sitk.Image, per_class: int = 40, seed: int = 0, classes=(0, 1, 2)) -> sitk.Image:
@@ -31,9 +32,16 @@ def strokes_from_truth(truth: sitk.Image, per_class: int = 40, seed: int = 0, cl
 
 
 @pytest.fixture()
-def session(tiny_case, random_model):
+def untrained():
+    from FCMSegmentationLib.modelfile import random_model
+
+    return random_model("cpu", seed=0, norm="instance")
+
+
+@pytest.fixture()
+def session(tiny_case, untrained):
     spect, ct, _ = tiny_case
-    return RefinementSession(spect, ct, random_model, "cpu", FAST)
+    return RefinementSession(spect, ct, untrained, "cpu", FAST)
 
 
 def weights_of(session):
@@ -193,9 +201,9 @@ def test_adapt_needs_no_strokes_and_is_undoable(session):
     assert same_weights(weights_of(session), weights)
 
 
-def test_full_mode_recomputes_features(tiny_case, random_model):
+def test_full_mode_recomputes_features(tiny_case, untrained):
     spect, ct, truth = tiny_case
-    session = RefinementSession(spect, ct, random_model, "cpu", RefineSettings(steps=3, crop=16, mode="full"))
+    session = RefinementSession(spect, ct, untrained, "cpu", RefineSettings(steps=3, crop=16, mode="full"))
     features = session._state.features
     session.refine(strokes_from_truth(truth))
     assert not torch.equal(session._state.features, features)
@@ -214,3 +222,17 @@ def test_refine_undo_refine_repeats_the_round_exactly(tiny_case, session):
     first = sitk.GetArrayFromImage(session.refine(strokes).memberships)
     session.undo()
     np.testing.assert_array_equal(sitk.GetArrayFromImage(session.refine(strokes).memberships), first)
+
+
+def test_anchor_limits_change_away_from_the_strokes(tiny_case, untrained):
+    spect, ct, truth = tiny_case
+    strokes = strokes_from_truth(truth, classes=(1,))
+    unpainted = sitk.GetArrayFromImage(strokes) == 0
+    change = {}
+    for anchor in (0.0, 5.0):
+        settings = RefineSettings(steps=25, crop=24, learning_rate=0.01, anchor=anchor)
+        session = RefinementSession(spect, ct, untrained, "cpu", settings)
+        before = sitk.GetArrayFromImage(session.segment().memberships)
+        after = sitk.GetArrayFromImage(session.refine(strokes).memberships)
+        change[anchor] = float(np.abs(after - before)[unpainted].mean())
+    assert change[5.0] < 0.7 * change[0.0]

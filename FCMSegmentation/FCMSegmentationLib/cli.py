@@ -166,7 +166,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         out=args.out, phantoms=args.phantoms, ct_phantoms=args.ct_phantoms, ct_path=args.from_ct,
         bone_labels_path=args.bone_labels, validation_phantoms=args.validation, seed=args.seed,
         steps=args.steps, batch=args.batch, crop=args.crop, learning_rate=args.lr, alpha=args.alpha,
-        beta=args.beta, unsupervised=args.unsupervised, device=args.device, threads=args.threads,
+        beta=args.beta, unsupervised=args.unsupervised, class_balance=args.class_balance, device=args.device, threads=args.threads,
         checkpoint_every=args.checkpoint_every, channels=tuple(args.channels),
     )
     check_output_path_model(config.out)
@@ -249,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--alpha", type=float, default=1.0)
     tr.add_argument("--beta", type=float, default=0.0008)
     tr.add_argument("--channels", type=int, nargs="+", default=[16, 32, 64, 128])
+    tr.add_argument("--class-balance", type=float, default=0.5,
+                    help="label-loss weight of class k is N_k^-balance (0 plain mean, 1 per-class means)")
     tr.add_argument("--unsupervised", action="store_true", help="RFCM loss only (no labels)")
     tr.add_argument("--device", default="auto")
     tr.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")

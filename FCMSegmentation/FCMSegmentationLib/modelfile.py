@@ -157,10 +157,13 @@ def load_model(path: Optional[PathLike] = None, device: Union[str, torch.device]
     return LoadedModel(network.to(device).eval(), card)
 
 
-def random_model(device: Union[str, torch.device] = "cpu", seed: int = 0) -> LoadedModel:
-    """An untrained network (for tests and smoke runs only: its output is meaningless)."""
+def random_model(device: Union[str, torch.device] = "cpu", seed: int = 0, norm: str = "batch") -> LoadedModel:
+    """An untrained network (for tests and smoke runs only: its output is meaningless).
+
+    ``norm="instance"`` gives informative random features (an untrained batch norm has no statistics).
+    """
     torch.manual_seed(seed)
-    network = UNet()
+    network = UNet(norm=norm)
     return LoadedModel(network.to(device).eval(), new_card(network, name="untrained (random weights)"))
 
 

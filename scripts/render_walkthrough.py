@@ -630,8 +630,8 @@ def run_walkthrough(
                        label=f"{after.names[2]} segment (membership > other classes)")])
     fig.colourbar("inferno", "lesion membership")
     uncertain = int(((lesion > 0.2) & (lesion < 0.8)).sum())
-    fig.caption([f"Memberships between 0 and 1 mark uncertainty and partial volume at the lesion's edge "
-                 f"(maximum {float(lesion.max()):.2f}; {uncertain} voxels between 0.2 and 0.8)."])
+    fig.caption([f"Values between 0 and 1 show where the network is unsure or a voxel is partly lesion. Here: "
+                 f"maximum {float(lesion.max()):.2f}; {uncertain} voxels between 0.2 and 0.8."])
     fig.footer(footer)
     record.figures["05_memberships"] = fig.save(out_dir / "05_memberships.png")
 

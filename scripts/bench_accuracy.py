@@ -52,6 +52,9 @@ METHODS = (MODEL, MODEL_SPECT_ONLY, OTSU, OTSU4, CT_OTSU, CT_OTSU_TUNED, FCM, GR
 CLASSICAL = (OTSU, OTSU4, CT_OTSU, CT_OTSU_TUNED, FCM, GROWCUT)
 SHORT = {MODEL: "model SPECT+CT", MODEL_SPECT_ONLY: "model SPECT", OTSU: "Otsu-2", OTSU4: "Otsu-4",
          CT_OTSU: "CT150+Otsu", CT_OTSU_TUNED: "CT300+Otsu", FCM: "FCM", GROWCUT: "GrowCut"}
+TICK = {MODEL: "model\nSPECT+CT", MODEL_SPECT_ONLY: "model\nSPECT only", OTSU: "Otsu\n2 thresholds",
+        OTSU4: "Otsu\n4 thresholds", CT_OTSU: "CT > 150 HU\n+ Otsu", CT_OTSU_TUNED: "CT > 300 HU\n+ Otsu",
+        FCM: "classical\nFCM", GROWCUT: "Grow-from-\nseeds"}
 
 
 def case_plan(count: int, have_ct: bool) -> List[Dict[str, Any]]:
@@ -187,7 +190,7 @@ def bar_chart(summary: Dict[str, Any], path: Path, title: str) -> Path:
                  edgecolor="black", linewidth=0.5)
         axes.axhline(TARGETS[name], color=colour, linestyle="--", linewidth=1.0)
     axes.set_xticks(x)
-    axes.set_xticklabels([m.replace(" (", "\n(").replace(" + ", "\n+ ") for m in METHODS], fontsize=7.5)
+    axes.set_xticklabels([TICK[m] for m in METHODS], fontsize=8)
     axes.set_ylim(0, 1.05)
     axes.set_ylabel("Dice (mean ± sd over cases)")
     axes.set_title(title, fontsize=10)

@@ -188,7 +188,8 @@ def run_accuracy_case(entry: Dict[str, Any], model, real_ct, real_labels, rounds
     start = time.perf_counter()
     session = RefinementSession(spect, ct, model, device="auto")
     session_seconds = time.perf_counter() - start
-    prediction = as_array(session.segment().labels)
+    initial = session.segment().labels
+    prediction = as_array(initial)
     intensity = classical.growcut_intensity(spect, ct, truth)
     growcut_same = classical.GrowCut(intensity, truth)
     growcut_own = classical.GrowCut(intensity, truth)
@@ -198,7 +199,7 @@ def run_accuracy_case(entry: Dict[str, Any], model, real_ct, real_labels, rounds
     own_prediction = as_array(growcut_own.segment(own_codes))
 
     history: List[Dict[str, Any]] = [{
-        "round": 0, OURS: dice(session.segment().labels, truth), GC_SAME: None,
+        "round": 0, OURS: dice(initial, truth), GC_SAME: None,
         GC_OWN: dice(classical.labels_image(own_prediction, truth), truth),
         "strokes": 0, "painted_voxels": 0, "refine_seconds": None,
     }]

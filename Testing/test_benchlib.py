@@ -134,3 +134,12 @@ def test_report_sections_are_rewritten_in_place(tmp_path):
     assert "second A" in text and "first A" not in text and "only B" in text
     assert text.index("BEGIN a") < text.index("BEGIN b")
     assert text.count("<!-- BEGIN a -->") == 1 and text.count("<!-- END a -->") == 1
+
+
+def test_a_class_gets_both_missed_and_false_regions_painted(tiny_case, truth_array):
+    prediction = truth_array.copy()
+    prediction[:, 2:14, 5:40][truth_array[:, 2:14, 5:40] == 0] = 1  # a big false bone region
+    prediction[:8][truth_array[:8] == 1] = 0  # a smaller missed bone region
+    codes, strokes = paint_strokes(truth_array, prediction, tiny_case[2].GetSpacing(), 2, np.random.default_rng(0),
+                                   classes=(1,))
+    assert sorted(s.code for s in strokes) == [1, 2]  # one 'not bone' stroke, one 'bone' stroke

@@ -6,9 +6,11 @@ entirely inside one wrongly-labelled connected region and painted with that regi
 
 * error regions are the connected components of ``truth == t & prediction == p`` (t != p): a false
   negative of class t and a false positive of class p at once, painted with code t + 1;
-* each foreground class (bone, lesion) owns the components where it is the truth (its false negatives)
-  or the prediction (its false positives); strokes go round-robin over the classes, the class with the
-  lowest Dice first, each taking its largest not-yet-painted component;
+* each foreground class (bone, lesion) owns the components where it is the truth (its false negatives,
+  "missed") or the prediction (its false positives, "false"); strokes go round-robin over the classes,
+  the class with the lowest Dice first, each class alternating between its largest missed region and its
+  largest false one (starting with whichever is larger) — a person both adds what was missed and erases
+  what is wrong, rather than spending a round on one kind;
 * when every region has a stroke and more are asked for, the largest regions get another one, at least
   ``spread_mm`` from earlier strokes of the same class;
 * within a component the stroke is centred on its deepest point (largest distance to the region's edge,
@@ -147,8 +149,9 @@ def paint_strokes(truth: np.ndarray, prediction: Optional[np.ndarray], spacing_x
     if count <= 0:
         return codes, strokes
 
-    # candidate regions: (true class, predicted class) -> components
-    candidates: Dict[int, List[Tuple[int, int, Optional[int], tuple]]] = {k: [] for k in classes}
+    # candidate regions, per served class k: "missed" (truth k, predicted otherwise: false negatives) and
+    # "false" (predicted k, truth otherwise: false positives); "seed" (truth k) when painting seeds
+    queues: Dict[Tuple[int, str], List[Tuple[int, int, Optional[int], tuple]]] = {}
     pairs = ([(t, None) for t in classes] if seeding else
              [(t, p) for t in range(3) for p in range(3) if t != p])
     for t, p in pairs:
@@ -161,50 +164,70 @@ def paint_strokes(truth: np.ndarray, prediction: Optional[np.ndarray], spacing_x
             continue
         for size, box, label_id, labelled in _components(mask, min_component_voxels):
             region = (size, t, p, (box, label_id, labelled))
-            for k in classes:
-                if t == k or (p == k):
-                    candidates[k].append(region)
-    for k in classes:
-        candidates[k].sort(key=lambda r: -r[0])
+            if seeding:
+                queues.setdefault((t, "seed"), []).append(region)
+                continue
+            if t in classes:
+                queues.setdefault((t, "missed"), []).append(region)
+            if p in classes:
+                queues.setdefault((p, "false"), []).append(region)
+    for queue in queues.values():
+        queue.sort(key=lambda r: -r[0])
+
+    def kinds_of(k: int) -> List[str]:
+        """The class's queues, the one with the largest region first (then they alternate)."""
+        if seeding:
+            return ["seed"]
+        present = [kind for kind in ("missed", "false") if queues.get((k, kind))]
+        return sorted(present, key=lambda kind: -queues[(k, kind)][0][0])
 
     if seeding:
         order = list(classes)
     else:  # worst Dice first; classes absent from both truth and prediction have no errors anyway
         scores = {k: _class_dice(truth, prediction, k) for k in classes}
         order = sorted(classes, key=lambda k: (np.nan_to_num(scores[k], nan=2.0), k))
+    turn = {k: kinds_of(k) for k in order}  # per class, the queue to serve next comes first
     attempts = 0
     while len(strokes) < count and attempts < 20 * count + 20:
         progressed = False
         for k in order:
             if len(strokes) >= count:
                 break
-            while candidates[k]:
-                size, t, p, (box, label_id, labelled) = candidates[k][0]
-                attempts += 1
-                margin = int(np.ceil(spread_mm / spacing_zyx.min())) + 2
-                lo = np.array([max(0, s.start - margin) for s in box])
-                hi = np.array([min(n, s.stop + margin) for s, n in zip(box, truth.shape)])
-                window = tuple(slice(a, b) for a, b in zip(lo, hi))
-                component = (labelled[window] == label_id) & ~painted[window]
-                same_code = painted_code[window] == t + 1
-                near = (ndimage.distance_transform_edt(~same_code, sampling=spacing_zyx) < spread_mm
-                        if same_code.any() else None)
-                stroke = _stroke_in_component(component, lo, spacing_zyx, near, rng, length_mm, radius_voxels)
-                if stroke is None:  # region used up: drop it from every class's list
-                    for other in classes:
-                        candidates[other] = [r for r in candidates[other] if r[1:3] != (t, p) or r[3][1] != label_id]
-                    continue
-                voxels, plane, centre, length = stroke
-                index = tuple(voxels.T)
-                codes[index] = t + 1
-                painted[index] = True
-                painted_code[index] = t + 1
-                strokes.append(Stroke(t + 1, t, p, plane, centre, round(length, 2), len(voxels), size))
-                # the next stroke of this class goes to its next-largest region; regions are revisited
-                # (at least spread_mm from earlier strokes) only when every region has one
-                candidates[k].append(candidates[k].pop(0))
-                progressed = True
-                break
+            painted_one = False
+            for kind in list(turn[k]):
+                queue = queues.get((k, kind), [])
+                while queue:
+                    size, t, p, (box, label_id, labelled) = queue[0]
+                    attempts += 1
+                    margin = int(np.ceil(spread_mm / spacing_zyx.min())) + 2
+                    lo = np.array([max(0, s.start - margin) for s in box])
+                    hi = np.array([min(n, s.stop + margin) for s, n in zip(box, truth.shape)])
+                    window = tuple(slice(a, b) for a, b in zip(lo, hi))
+                    component = (labelled[window] == label_id) & ~painted[window]
+                    same_code = painted_code[window] == t + 1
+                    near = (ndimage.distance_transform_edt(~same_code, sampling=spacing_zyx) < spread_mm
+                            if same_code.any() else None)
+                    stroke = _stroke_in_component(component, lo, spacing_zyx, near, rng, length_mm, radius_voxels)
+                    if stroke is None:  # region used up: drop it from every queue
+                        for key in queues:
+                            queues[key] = [r for r in queues[key] if r[1:3] != (t, p) or r[3][1] != label_id]
+                        queue = queues.get((k, kind), [])
+                        continue
+                    voxels, plane, centre, length = stroke
+                    index = tuple(voxels.T)
+                    codes[index] = t + 1
+                    painted[index] = True
+                    painted_code[index] = t + 1
+                    strokes.append(Stroke(t + 1, t, p, plane, centre, round(length, 2), len(voxels), size))
+                    # the next stroke from this queue goes to its next-largest region; regions are
+                    # revisited (at least spread_mm from earlier strokes) only when every region has one
+                    queue.append(queue.pop(0))
+                    painted_one = True
+                    break
+                if painted_one:
+                    turn[k] = turn[k][1:] + turn[k][:1]  # alternate missed / false for this class
+                    break
+            progressed = progressed or painted_one
         if not progressed:
             break
     return codes, strokes

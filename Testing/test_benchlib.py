@@ -1,0 +1,145 @@
+"""Tests of the benchmark helpers under scripts/benchlib (simulated user, classical baselines, report)."""
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+
+from benchlib import classical  # noqa: E402
+from benchlib.common import write_section  # noqa: E402
+from benchlib.simulated_user import PLANES, paint_strokes, seed_strokes  # noqa: E402
+from FCMSegmentationLib.metrics import dice_per_class, same_geometry  # noqa: E402
+
+
+@pytest.fixture()
+def truth_array(tiny_case):
+    return sitk.GetArrayFromImage(tiny_case[2])
+
+
+def wrong_prediction(truth: np.ndarray) -> np.ndarray:
+    """Lesion missed (called bone), a slab of soft tissue called bone, one bone end called background."""
+    prediction = truth.copy()
+    prediction[truth == 2] = 1
+    slab = prediction[:, 5:12, 18:30]
+    slab[truth[:, 5:12, 18:30] == 0] = 1
+    prediction[:6][truth[:6] == 1] = 0
+    return prediction
+
+
+def test_strokes_land_inside_error_regions_with_the_true_class(tiny_case, truth_array):
+    prediction = wrong_prediction(truth_array)
+    spacing = tiny_case[2].GetSpacing()
+    codes, strokes = paint_strokes(truth_array, prediction, spacing, 4, np.random.default_rng(0))
+    painted = codes > 0
+    assert len(strokes) == 4 and painted.any()
+    assert np.all(prediction[painted] != truth_array[painted]), "a stroke left the wrongly-labelled regions"
+    assert np.all(codes[painted] == truth_array[painted] + 1), "a stroke carries the wrong class"
+    assert {s.true_class for s in strokes} >= {0, 1, 2}  # FP soft tissue, FN bone, missed lesion
+    assert strokes[0].true_class == 2  # lesion (Dice 0) is the worst class: served first
+    for stroke in strokes:
+        assert stroke.plane in PLANES and stroke.length_mm <= 15.0 + 2 * max(spacing)
+        assert stroke.code == stroke.true_class + 1 and stroke.predicted_class != stroke.true_class
+
+
+def test_strokes_are_planar_short_and_never_repainted(tiny_case, truth_array):
+    prediction = wrong_prediction(truth_array)
+    spacing = tiny_case[2].GetSpacing()
+    first, _ = paint_strokes(truth_array, prediction, spacing, 3, np.random.default_rng(1))
+    second, strokes = paint_strokes(truth_array, prediction, spacing, 3, np.random.default_rng(2), painted_codes=first)
+    assert not np.any((first > 0) & (second > 0))
+    from scipy import ndimage
+
+    labelled, count = ndimage.label(second > 0, structure=np.ones((3, 3, 3), bool))
+    for k in range(1, count + 1):
+        zyx = np.argwhere(labelled == k)
+        assert (np.ptp(zyx, axis=0) == 0).any(), "a stroke spans more than one plane"
+        extent_mm = np.ptp(zyx, axis=0)[::-1] * np.array(spacing)
+        assert extent_mm.max() <= 15.0 + 2 * max(spacing)
+
+
+def test_no_errors_no_strokes(tiny_case, truth_array):
+    codes, strokes = paint_strokes(truth_array, truth_array.copy(), tiny_case[2].GetSpacing(), 4,
+                                   np.random.default_rng(0))
+    assert strokes == [] and not codes.any()
+
+
+def test_seed_strokes_cover_every_class_and_respect_limits(tiny_case, truth_array):
+    spect, ct, truth = tiny_case
+    body = sitk.GetArrayFromImage(ct) > classical.BODY_HU
+    codes, strokes = seed_strokes(truth_array, truth.GetSpacing(), 2, np.random.default_rng(0),
+                                  class_allowed={0: body})
+    assert sorted({s.code for s in strokes}) == [1, 2, 3]
+    assert np.all(codes[codes > 0] == truth_array[codes > 0] + 1)
+    assert np.all(body[codes == 1]), "background seeds outside the body"
+
+
+def test_otsu_baseline_returns_labels_on_the_truth_grid(tiny_case):
+    spect, ct, truth = tiny_case
+    for thresholds in (2, 4):
+        labels = classical.otsu_spect(spect, truth, thresholds=thresholds)
+        assert same_geometry(labels, truth) and labels.GetPixelID() == sitk.sitkUInt8
+        assert set(np.unique(sitk.GetArrayViewFromImage(labels))) <= {0, 1, 2}
+
+
+def test_ct_threshold_baseline_finds_the_bone(tiny_case, truth_array):
+    spect, ct, truth = tiny_case
+    labels = classical.ct_threshold_otsu(spect, ct, truth)
+    assert same_geometry(labels, truth)
+    scores = dice_per_class(sitk.GetArrayFromImage(labels), truth_array)
+    assert scores["bone"] > 0.8
+
+
+def test_ct_bone_mask_fills_marrow_but_not_large_cavities():
+    shell = np.zeros((3, 40, 40), bool)
+    y, x = np.mgrid[0:40, 0:40]
+    ring = lambda r0, r1, cy, cx: ((y - cy) ** 2 + (x - cx) ** 2 >= r0 ** 2) & ((y - cy) ** 2 + (x - cx) ** 2 <= r1 ** 2)
+    shell[:] = ring(3, 4, 8, 8) | ring(15, 16, 22, 22)  # a small bone ring and a big 'rib cage'
+    hu = np.where(shell, 1000.0, 0.0)
+    mask = classical.ct_bone_mask(hu, spacing_xyz=(1.0, 1.0, 1.0), max_hole_mm2=100.0, closing_iterations=0)
+    assert mask[1, 8, 8], "marrow of the small bone not filled"
+    assert not mask[1, 22, 22], "the cavity inside the big ring was filled"
+
+
+def test_fcm_baseline_returns_labels_on_the_truth_grid(tiny_case):
+    spect, ct, truth = tiny_case
+    labels, info = classical.fcm_spect_ct(spect, ct, truth, spacing_mm=4.0, sample=5000)
+    assert same_geometry(labels, truth)
+    assert sorted(info["class_of_cluster"]) == [0, 1, 2]
+
+
+def test_growcut_labels_agree_with_seeds_and_update_incrementally(tiny_case, truth_array):
+    spect, ct, truth = tiny_case
+    codes, _ = seed_strokes(truth_array, truth.GetSpacing(), 1, np.random.default_rng(0))
+    growcut = classical.GrowCut(classical.growcut_intensity(spect, ct, truth), truth)
+    labels = growcut.segment(codes)
+    assert same_geometry(labels, truth)
+    array = sitk.GetArrayFromImage(labels)
+    assert np.all(array[codes > 0] == codes[codes > 0] - 1)
+    assert dice_per_class(array, truth_array)["bone"] > 0.5
+    more, _ = paint_strokes(truth_array, array, truth.GetSpacing(), 2, np.random.default_rng(1), painted_codes=codes)
+    both = np.where(more > 0, more, codes)
+    again = sitk.GetArrayFromImage(growcut.segment(both))
+    assert growcut.runs == 2 and np.all(again[both > 0] == both[both > 0] - 1)
+
+
+def test_report_sections_are_rewritten_in_place(tmp_path):
+    report = tmp_path / "benchmarks.md"
+    write_section(report, "a", "first A")
+    write_section(report, "b", "only B")
+    write_section(report, "a", "second A")
+    text = report.read_text()
+    assert "second A" in text and "first A" not in text and "only B" in text
+    assert text.index("BEGIN a") < text.index("BEGIN b")
+    assert text.count("<!-- BEGIN a -->") == 1 and text.count("<!-- END a -->") == 1
+
+
+def test_a_class_gets_both_missed_and_false_regions_painted(tiny_case, truth_array):
+    prediction = truth_array.copy()
+    prediction[:, 2:14, 5:40][truth_array[:, 2:14, 5:40] == 0] = 1  # a big false bone region
+    prediction[:8][truth_array[:8] == 1] = 0  # a smaller missed bone region
+    codes, strokes = paint_strokes(truth_array, prediction, tiny_case[2].GetSpacing(), 2, np.random.default_rng(0),
+                                   classes=(1,))
+    assert sorted(s.code for s in strokes) == [1, 2]  # one 'not bone' stroke, one 'bone' stroke

@@ -4,7 +4,7 @@ PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 OUT ?= out
 
-.PHONY: install test demo bench bench-speed bench-accuracy train clean
+.PHONY: install test demo bench figures clean
 
 install:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
@@ -16,8 +16,15 @@ test: install
 demo: install
 	$(PYTHON) -m FCMSegmentationLib.demo --out $(OUT)/demo
 
+# Full benchmarks (about 20-30 min on 2 CPU cores); results go to docs/benchmarks.md and docs/figures/.
 bench: install
 	$(PYTHON) scripts/bench_inference.py
+	$(PYTHON) scripts/bench_accuracy.py
+	$(PYTHON) scripts/bench_refine.py
+
+# The README's walkthrough pictures, rendered from real MRML output (slicer-core).
+figures: install
+	$(PYTHON) scripts/render_walkthrough.py
 
 clean:
 	rm -rf $(OUT) build *.egg-info .pytest_cache

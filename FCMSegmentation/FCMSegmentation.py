@@ -1,6 +1,6 @@
 """FCM Segmentation: bone and bone-lesion segmentation of SPECT/CT with a fuzzy-C-means-trained U-Net.
 
-Layers (see docs/architecture.md): this file is the thin Slicer front end. The engine
+Layers: this file is the thin Slicer front end (Widget, parameter node, Logic, self-test). The engine
 (``FCMSegmentationLib``, Qt-free) does the computation; ``FCMSegmentationLib.mrml`` converts between
 MRML nodes and SimpleITK images. Nothing heavy (torch, the engine's compute modules) is imported when
 Slicer loads this module: every engine import happens inside a method, at first use.

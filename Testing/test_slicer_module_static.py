@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MODULE = "FCMSegmentation"
 
 # Keys allowed by slicer-extension-catalog-entry-schema-v1.0.2.json ("additionalProperties": false) and
-# the ones it requires; this project uses only the subset below (docs/slicer.md).
+# the ones it requires; this project uses only the subset below (the team's Slicer conventions, ../shared/docs/slicer.md).
 SCHEMA_URL = "https://raw.githubusercontent.com/Slicer/Slicer/main/Schemas/slicer-extension-catalog-entry-schema-v1.0.2.json"
 SCHEMA_KEYS = {"$schema", "category", "scm_url", "scm_revision", "scm_type", "build_dependencies",
                "dicom_support_rule", "build_subdirectory", "enabled", "tier"}

@@ -184,6 +184,27 @@ def test_membership_volumes_one_per_class_and_reused(scene):
     assert scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == 3
 
 
+def test_membership_volumes_of_an_earlier_run_never_go_stale(scene):
+    labels = make_image(np.zeros((4, 5, 6), np.uint8))
+    seg_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Result")
+    rng = np.random.default_rng(2)
+    first, second = (rng.random((4, 5, 6, 3)).astype(np.float32) for _ in range(2))
+    mrml.write_result(scene, SimpleNamespace(labels=labels, memberships=make_image(first, vector=True)),
+                      seg_node, show_memberships=True)
+    applied = mrml.write_result(scene, SimpleNamespace(labels=labels, memberships=make_image(second, vector=True)),
+                                seg_node, show_memberships=False)
+    lesion = mrml.volume_node_to_sitk(applied.membership_nodes[2])
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(lesion), second[..., 2])
+
+
+def test_no_membership_volumes_unless_asked(scene):
+    labels = make_image(np.zeros((4, 5, 6), np.uint8))
+    memberships = make_image(np.full((4, 5, 6, 3), 1 / 3, np.float32), vector=True)
+    seg_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Result")
+    applied = mrml.write_result(scene, SimpleNamespace(labels=labels, memberships=memberships), seg_node)
+    assert applied.membership_nodes == [] and scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == 0
+
+
 # ------------------------------------------------------------------------------------------ segments
 
 def labels_case(direction=OBLIQUE):

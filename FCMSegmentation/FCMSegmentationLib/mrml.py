@@ -526,11 +526,14 @@ def write_result(
 ) -> AppliedResult:
     """Put an engine ``SegmentationResult`` into the scene (main thread) and say what was made.
 
-    Writes our Bone/Lesion segments (see :func:`write_result_segments`) and, if ``show_memberships``,
-    one membership volume per class (see :func:`membership_volumes`).
+    Writes our Bone/Lesion segments (see :func:`write_result_segments`) and, if ``show_memberships`` or
+    if membership volumes of an earlier run exist, one membership volume per class (see
+    :func:`membership_volumes`).
     """
     ids = write_result_segments(scene, segmentation_node, result.labels, source_volume_node)
-    nodes = membership_volumes(result, scene, membership_prefix) if show_memberships else []
+    # Membership volumes from an earlier run are updated even when not asked for: never stale.
+    refresh = show_memberships or _find_membership_node(scene, f"{membership_prefix} {CLASS_NAMES[0]}") is not None
+    nodes = membership_volumes(result, scene, membership_prefix) if refresh else []
     stats = segment_statistics(result.labels)
     return AppliedResult(ids, nodes, stats, format_statistics(stats))
 

@@ -130,6 +130,10 @@ def loadSyntheticSample(*args) -> list:
             sitk.WriteImage(case.ct, ctPath, True)
     spectNode = slicer.util.loadVolume(spectPath, {"name": "FCM synthetic SPECT"})
     ctNode = slicer.util.loadVolume(ctPath, {"name": "FCM synthetic CT", "show": False})
+    # Select both inputs, so a new user segments SPECT+CT without picking the (hidden) CT by hand.
+    parameterNode = FCMSegmentationLogic().getParameterNode()
+    parameterNode.spectVolume = spectNode
+    parameterNode.ctVolume = ctNode
     return [spectNode, ctNode]
 
 

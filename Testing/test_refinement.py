@@ -236,3 +236,29 @@ def test_anchor_limits_change_away_from_the_strokes(tiny_case, untrained):
         after = sitk.GetArrayFromImage(session.refine(strokes).memberships)
         change[anchor] = float(np.abs(after - before)[unpainted].mean())
     assert change[5.0] < 0.7 * change[0.0]
+
+
+def test_early_stopping_follows_the_smoothed_loss():
+    from FCMSegmentationLib.refinement import EarlyStopping
+
+    falling = EarlyStopping(patience=5)
+    assert not any(falling.should_stop(1.0 / (step + 1)) for step in range(100))  # keeps improving
+    flat = EarlyStopping(patience=5)
+    stops = [flat.should_stop(0.5) for _ in range(10)]
+    assert stops.index(True) == 5  # no improvement after the first value: stops after `patience` steps
+    noisy = EarlyStopping(patience=20)
+    rng = np.random.default_rng(0)
+    # A slowly falling loss with crop-to-crop noise larger than the per-step fall: the raw first-value
+    # rule stopped at step 20; the average keeps going while the trend falls.
+    losses = 1.0 - 0.01 * np.arange(60) + rng.normal(0, 0.05, 60)
+    assert not any(noisy.should_stop(float(v)) for v in losses[:40])
+
+
+def test_a_session_never_changes_the_model_it_was_given(tiny_case, untrained):
+    _, _, truth = tiny_case
+    spect, ct, _ = tiny_case
+    before = {k: v.clone() for k, v in untrained.network.state_dict().items()}
+    session = RefinementSession(spect, ct, untrained, "cpu", FAST)
+    session.refine(strokes_from_truth(truth))
+    assert same_weights(untrained.network.state_dict(), before)
+    assert not same_weights(weights_of(session), before)

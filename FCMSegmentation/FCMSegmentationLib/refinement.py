@@ -56,7 +56,7 @@ class RefineSettings:
     learning_rate: float = 1e-3
     full_learning_rate: float = 2e-4
     alpha: float = 1.0
-    anchor: float = 1.0
+    anchor: float = 5.0
     beta: float = 0.0008
     q: float = 2.0
     crop: int = 48
@@ -93,6 +93,29 @@ class RoundRecord:
     strokes: Dict[str, int] = field(default_factory=dict)
 
 
+class EarlyStopping:
+    """Stop when an exponential moving average of the loss has not improved for ``patience`` steps.
+
+    Each step's loss comes from a different random crop, so raw losses are noisy; and the anchor term
+    starts at 0 and grows, so the first raw loss is rarely beaten (measured: every round stopped at
+    exactly ``patience`` steps). The average smooths both out.
+    """
+
+    def __init__(self, patience: int, smoothing: float = 0.1, tolerance: float = 1e-3):
+        self.patience, self.smoothing, self.tolerance = patience, smoothing, tolerance
+        self.average: Optional[float] = None
+        self.best = float("inf")
+        self.since_best = 0
+
+    def should_stop(self, loss: float) -> bool:
+        self.average = loss if self.average is None else (1 - self.smoothing) * self.average + self.smoothing * loss
+        if self.average < self.best - self.tolerance * abs(self.best) or self.best == float("inf"):
+            self.best, self.since_best = self.average, 0
+        else:
+            self.since_best += 1
+        return self.since_best >= self.patience
+
+
 def _clone_weights(network: torch.nn.Module) -> Dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in network.state_dict().items()}
 
@@ -116,8 +139,9 @@ class RefinementSession:
     ):
         self.device = resolve_device(device)
         self.settings = settings or RefineSettings()
-        self.model = model if isinstance(model, LoadedModel) else load_model(model, self.device)
-        self.model.network.to(self.device).eval()
+        loaded = model if isinstance(model, LoadedModel) else load_model(model, self.device)
+        # A private copy: fine-tuning must never leak into the caller's model (or the next session's).
+        self.model = LoadedModel(copy.deepcopy(loaded.network).to(self.device).eval(), copy.deepcopy(loaded.card))
         self.patch = patch
         report(progress, 0.0, "preparing images")
         self.case: WorkingCase = prepare_case(spect, ct, self.model.spacing_mm)
@@ -247,24 +271,26 @@ class RefinementSession:
         trainee = copy.deepcopy(self.model.network).to(self.device)
         full = settings.mode == "full"
         train_progress = scaled(progress, 0.0, 0.6 if full else 0.95)
-        final_loss = self._optimise(trainee, labels, settings, steps, full, train_progress, cancel)
+        final_loss, steps_run = self._optimise(trainee, labels, settings, steps, full, train_progress, cancel)
         features = (self._compute_features(trainee.eval(), scaled(progress, 0.6, 0.95), cancel)
                     if full else self._state.features)
         check_cancel(cancel)
         self._commit(_State(_clone_weights(trainee), features), push=True)
-        self.history.append(RoundRecord(action, steps, final_loss, time.monotonic() - start, stroke_counts(labels)))
+        self.history.append(RoundRecord(action, steps_run, final_loss, time.monotonic() - start, stroke_counts(labels)))
         report(progress, 1.0, f"{action}: done")
         return self.segment()
 
     def _optimise(self, trainee: UNet, labels: np.ndarray, settings: RefineSettings, steps: int, full: bool,
-                  progress: Optional[ProgressCallback], cancel: Optional[CancelToken]) -> float:
+                  progress: Optional[ProgressCallback], cancel: Optional[CancelToken]) -> Tuple[float, int]:
+        """Fine-tune ``trainee``; returns (last loss, steps run)."""
         # Seeded by the undo depth: refine -> undo -> refine repeats the first round exactly.
         rng = np.random.default_rng(settings.seed + len(self._undo))
         labelled = np.argwhere(labels != UNLABELLED)
         parameters = trainee.parameters() if full else trainee.head.parameters()
         optimiser = torch.optim.Adam(parameters, lr=settings.full_learning_rate if full else settings.learning_rate)
         trainee.eval()  # batch norm keeps its trained statistics: one image is not a batch to learn them from
-        best, since_best, loss_value = float("inf"), 0, float("nan")
+        stopper = EarlyStopping(settings.patience)
+        loss_value = float("nan")
         for step in range(steps):
             check_cancel(cancel)
             optimiser.zero_grad(set_to_none=True)
@@ -272,19 +298,15 @@ class RefinementSession:
             loss.backward()
             optimiser.step()
             loss_value = float(loss.detach())
-            if loss_value < best - 1e-5 * abs(best):
-                best, since_best = loss_value, 0
-            else:
-                since_best += 1
             report(progress, (step + 1) / steps, f"step {step + 1}/{steps}, loss {loss_value:.4f}")
-            if since_best >= settings.patience:
+            if stopper.should_stop(loss_value):
                 break
-        return loss_value
+        return loss_value, step + 1
 
     def _step_loss(self, trainee: UNet, labels: np.ndarray, labelled: np.ndarray, settings: RefineSettings,
                    full: bool, rng: np.random.Generator) -> torch.Tensor:
         alpha, q = settings.alpha, settings.q
-        region = self._sample_crop(labelled, rng, multiple=trainee.size_multiple if full else 1)
+        region = self._sample_crop(labelled, rng, settings, multiple=trainee.size_multiple if full else 1)
         crop = (slice(None), slice(None)) + region
         if full:
             memberships = trainee(torch.from_numpy(self.case.features[None][crop]).to(self.device))
@@ -312,15 +334,16 @@ class RefinementSession:
         target = torch.from_numpy(labels[chosen[:, 0], chosen[:, 1], chosen[:, 2]]).to(self.device)
         return loss + alpha * fcm_label_loss(voxel_memberships[None, :, :, None], target[None, :, None], q=q)
 
-    def _sample_crop(self, labelled: np.ndarray, rng: np.random.Generator, multiple: int) -> Tuple[slice, ...]:
+    def _sample_crop(self, labelled: np.ndarray, rng: np.random.Generator, settings: RefineSettings,
+                     multiple: int) -> Tuple[slice, ...]:
         shape = np.array(self.case.valid.shape)
-        size = np.minimum(shape, self.settings.crop)
+        size = np.minimum(shape, settings.crop)
         if multiple > 1:  # the full network needs sizes divisible by its pooling factor
             size = size // multiple * multiple
             if np.any(size == 0) or np.all(size == multiple):  # a 1-voxel bottleneck cannot be normalised
                 raise InputError(f"full fine-tuning needs an image of at least {multiple} voxels per axis and "
                                  f"{2 * multiple} along one; use mode 'head'")
-        if len(labelled) and rng.random() < self.settings.stroke_crop_fraction:
+        if len(labelled) and rng.random() < settings.stroke_crop_fraction:
             centre = labelled[rng.integers(len(labelled))]
         else:
             centre = self._valid_voxels[rng.integers(len(self._valid_voxels))]

@@ -273,7 +273,7 @@ def report(docs: Path, data: Dict[str, Any], figure: Path, overlay: Optional[Pat
         "tissue and between soft tissue and bone, so its 'bone' is mostly soft tissue. **(4 thresholds, top 2 "
         "classes)**: the same with 4 thresholds (128 bins), the two highest classes being bone and lesion and the three "
         "lowest (air, soft tissue, ...) background — a fairer configuration of the same method.",
-        f"- **CT > 150 / 300 HU + SPECT Otsu in bone**: bone = CT above the threshold, a 3-D binary closing "
+        "- **CT > 150 / 300 HU + SPECT Otsu in bone**: bone = CT above the threshold, a 3-D binary closing "
         "(1 voxel, 6-connected) to bridge thin cortex gaps, then holes up to 4 cm² in each axial slice filled "
         "(marrow below the threshold inside a closed cortex becomes bone; larger holes — the chest inside the "
         "ribs — are not); lesions = bone voxels whose SPECT (linear on the CT grid) exceeds the Otsu threshold "

@@ -8,10 +8,10 @@ import contextlib
 import json
 import sys
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional
+from typing import Callable, Iterator, List, Optional
 
-from .errors import FCMError, OutputError
-from .imageio import WRITABLE_SUFFIXES, check_output_location, compound_suffix
+from .errors import FCMError
+from .imageio import check_output_location, image_suffix
 
 EXIT_USAGE = 2
 
@@ -33,10 +33,8 @@ def progress_bar(description: str) -> Iterator[Callable[[float, str], None]]:
 
 def check_output_path(path: str, label: str = "output") -> Path:
     """Fail before any work if ``path`` cannot be written (format or directory)."""
-    target = Path(path)
-    if compound_suffix(target) not in WRITABLE_SUFFIXES:
-        raise OutputError(f"{label} {target}: unsupported format; use one of {', '.join(WRITABLE_SUFFIXES)}")
-    return check_output_location(target, label)
+    image_suffix(path, label)
+    return check_output_location(path, label)
 
 
 def print_notes(notes: List[str]) -> None:
@@ -169,14 +167,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         beta=args.beta, unsupervised=args.unsupervised, class_balance=args.class_balance, device=args.device, threads=args.threads,
         checkpoint_every=args.checkpoint_every, channels=tuple(args.channels),
     )
-    check_output_path_model(config.out)
+    check_output_location(config.out, "--out")
     with progress_bar("train") as progress:
         train(config, progress=progress, log=lambda line: print(line, file=sys.stderr))
     return 0
-
-
-def check_output_path_model(path: str) -> None:
-    check_output_location(path, "--out")
 
 
 def _add_session_arguments(parser: argparse.ArgumentParser) -> None:

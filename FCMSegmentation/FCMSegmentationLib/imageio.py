@@ -128,6 +128,14 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
         raise
 
 
+def image_suffix(path: PathLike, label: str = "output") -> str:
+    """The image-format suffix of ``path``; raises :class:`OutputError` if it is not one we write."""
+    suffix = compound_suffix(path)
+    if suffix not in WRITABLE_SUFFIXES:
+        raise OutputError(f"{label} {path}: unsupported output format; use one of {', '.join(WRITABLE_SUFFIXES)}")
+    return suffix
+
+
 def _final_mode(target: Path) -> int:
     """The replaced file's permissions, else the usual ones for a new file (``mkstemp`` makes 0600)."""
     if target.exists():
@@ -143,9 +151,7 @@ def write_image(image: sitk.Image, path: PathLike, compress: bool = True) -> Pat
     Raises :class:`OutputError` for an unsupported suffix or an unwritable location.
     """
     path = Path(path)
-    suffix = compound_suffix(path)
-    if suffix not in WRITABLE_SUFFIXES:
-        raise OutputError(f"{path}: unsupported output format; use one of {', '.join(WRITABLE_SUFFIXES)}")
+    suffix = image_suffix(path)
     if suffix == ".seg.nrrd":
         image = with_segment_metadata(image, SEGMENT_NAMES, SEGMENT_COLORS)
     with atomic_path(path) as tmp:

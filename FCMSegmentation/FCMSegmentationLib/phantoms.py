@@ -392,7 +392,6 @@ def procedural_phantom(
     spine = np.zeros(shape, bool)
     discs = np.zeros(shape, bool)
     # vertebral bodies, arches and processes, slice by slice
-    xs, ys = grid.x, grid.y
     lv_z = np.array([[lv[1], lv[2]] for lv in levels])
     for k, s in enumerate(zs):
         inside = np.nonzero((lv_z[:, 0] <= s) & (s <= lv_z[:, 1]))[0]

@@ -32,7 +32,7 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 DEVICE_CHOICES = ["auto", "cuda", "mps", "cpu"]
-DEFAULT_STEPS = 60  # = RefineSettings.steps (the engine is imported only at first use)
+DEFAULT_STEPS = 30  # = RefineSettings.steps (the engine is imported only at first use)
 DEFAULT_ALPHA = 1.0
 DEFAULT_BETA = 0.0008
 DEFAULT_PATCH = 96

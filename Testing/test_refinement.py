@@ -1,5 +1,6 @@
 """Refinement sessions: strokes on any grid, refine/adapt/undo/reset/save/cancel, one-class and empty strokes."""
 import threading
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -10,7 +11,9 @@ from FCMSegmentationLib.errors import Cancelled, FCMError, InputError
 from FCMSegmentationLib.metrics import evaluate_images
 from FCMSegmentationLib.modelfile import load_model
 from FCMSegmentationLib.preprocessing import prepare_case
-from FCMSegmentationLib.refinement import RefinementSession, RefineSettings
+from FCMSegmentationLib.refinement import (
+    RefinementSession, RefineSettings, balanced_label_loss, offsets_at, upsample_offsets,
+)
 from FCMSegmentationLib.scribbles import UNLABELLED, scribbles_to_labels
 
 # A random-weight model needs big moves to learn anything: fast steps, no anchor (tested on its own below).
@@ -123,14 +126,18 @@ def test_undo_and_reset_restore_exact_states(tiny_case, session):
         session.undo()
 
 
-def test_save_writes_a_model_that_reproduces_the_session(tiny_case, session, tmp_path):
+def test_save_writes_a_model_that_reproduces_the_session(tiny_case, untrained, tmp_path):
     spect, ct, truth = tiny_case
-    refined = session.refine(strokes_from_truth(truth))
+    head_only = replace(FAST, offset_cell=0)  # stroke-local offsets belong to the image and are not saved
+    session = RefinementSession(spect, ct, untrained, "cpu", head_only)
+    strokes = strokes_from_truth(truth)
+    refined = session.refine(strokes)
     card = session.save(tmp_path / "tuned.pt")
     assert card["fine_tuning"]["rounds"][-1]["action"] == "refine"
-    reloaded = RefinementSession(spect, ct, load_model(tmp_path / "tuned.pt"), "cpu", FAST)
-    np.testing.assert_allclose(sitk.GetArrayFromImage(reloaded.segment().memberships),
-                               sitk.GetArrayFromImage(refined.memberships), atol=1e-5)
+    reloaded = RefinementSession(spect, ct, load_model(tmp_path / "tuned.pt"), "cpu", head_only)
+    unpainted = sitk.GetArrayFromImage(strokes) == 0  # painted voxels keep their class only in the session
+    np.testing.assert_allclose(sitk.GetArrayFromImage(reloaded.segment().memberships)[unpainted],
+                               sitk.GetArrayFromImage(refined.memberships)[unpainted], atol=1e-5)
     assert [p.name for p in tmp_path.iterdir()] == ["tuned.pt"]  # no temporary file left
 
 
@@ -262,3 +269,72 @@ def test_a_session_never_changes_the_model_it_was_given(tiny_case, untrained):
     session.refine(strokes_from_truth(truth))
     assert same_weights(untrained.network.state_dict(), before)
     assert not same_weights(weights_of(session), before)
+
+
+def test_offsets_upsample_consistently_on_regions_and_points():
+    offsets = torch.randn(1, 3, 4, 5, 6, generator=torch.Generator().manual_seed(0))
+    whole = upsample_offsets(offsets, (slice(0, 7), slice(0, 9), slice(0, 11)), cell=2)
+    assert whole.shape == (1, 3, 7, 9, 11)
+    torch.testing.assert_close(whole[..., ::2, ::2, ::2], offsets[..., :4, :5, :6])  # nodes sit on voxels 2i
+    region = (slice(1, 6), slice(3, 4), slice(5, 11))
+    torch.testing.assert_close(upsample_offsets(offsets, region, cell=2), whole[(slice(None), slice(None)) + region])
+    points = torch.tensor([[0, 0, 0], [3, 5, 7], [6, 8, 10], [1, 2, 9]])
+    torch.testing.assert_close(offsets_at(offsets, points, cell=2), whole[0][:, points[:, 0], points[:, 1], points[:, 2]])
+
+
+def test_balanced_label_loss_weighs_each_painted_class_equally():
+    memberships = torch.zeros(1, 3, 101, 1)
+    memberships[0, 0, :100] = 1.0  # 100 background voxels, right
+    memberships[0, 0, 100] = 1.0   # one lesion voxel, wrong
+    labels = torch.zeros(1, 101, 1, dtype=torch.long)
+    labels[0, 100] = 2
+    assert float(balanced_label_loss(memberships, labels, q=2.0)) == pytest.approx(0.5)  # mean of 0 and 1
+    labels[0, :50] = UNLABELLED
+    assert float(balanced_label_loss(memberships, labels, q=2.0)) == pytest.approx(0.5)
+    assert float(balanced_label_loss(memberships, torch.full_like(labels, UNLABELLED), q=2.0)) == 0.0
+
+
+def test_painted_voxels_keep_their_painted_class(tiny_case, session):
+    _, _, truth = tiny_case
+    strokes = strokes_from_truth(truth, per_class=15)
+    result = session.refine(strokes, steps=1)
+    codes = sitk.GetArrayFromImage(strokes)
+    painted = codes > 0
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(result.labels)[painted], codes[painted] - 1)
+    memberships = sitk.GetArrayFromImage(result.memberships)
+    np.testing.assert_array_equal(memberships[painted, codes[painted] - 1], 1.0)
+    assert session.reset() and not np.array_equal(sitk.GetArrayFromImage(session.segment().labels)[painted],
+                                                  codes[painted] - 1)  # the pretrained result ignores them
+
+
+def test_stroke_local_offsets_change_the_region_of_the_strokes_most(tiny_case, untrained):
+    spect, ct, _ = tiny_case
+    frozen_head = RefineSettings(steps=25, crop=24, learning_rate=0.0, anchor=5.0)  # offsets are all that moves
+    session = RefinementSession(spect, ct, untrained, "cpu", frozen_head)
+    case = session.case
+    centre = np.array(case.valid.shape) // 2
+    codes = np.zeros(case.valid.shape, np.uint8)  # a short lesion stroke on the working grid, one z-plane
+    codes[centre[0], centre[1], centre[2] - 2:centre[2] + 3] = 3
+    strokes = sitk.GetImageFromArray(codes)
+    strokes.CopyInformation(case.grid)
+    before = session.memberships_working()
+    after = session.refine(strokes) and session.memberships_working()
+    from scipy import ndimage
+
+    distance = ndimage.distance_transform_edt(codes == 0)
+    change = np.abs(after - before).sum(axis=0)
+    near = change[(distance > 0) & (distance <= 2) & case.valid].mean()
+    far = change[(distance > 8) & case.valid].mean()
+    assert after[2][codes == 3].min() > 0.5       # the stroke is learned
+    print(f"change near the stroke {near:.4f}, far from it {far:.4f}")
+    assert near > 10 * far                        # its neighbourhood follows; the rest of the image does not
+
+
+def test_adapt_keeps_the_stroke_local_offsets(tiny_case, session):
+    _, _, truth = tiny_case
+    session.refine(strokes_from_truth(truth))
+    offsets = session._state.offsets.clone()
+    session.adapt()
+    assert torch.equal(session._state.offsets, offsets)
+    session.reset()
+    assert session._state.offsets is None

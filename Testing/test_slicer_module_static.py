@@ -425,6 +425,36 @@ def assert_no_problems(problems: List[str]) -> None:
     assert not problems, "\n".join(problems)
 
 
+# Module constant, .ui widget and engine setting that must agree: the module duplicates the engine's
+# defaults because it may not import the engine at load time.
+REFINE_DEFAULTS = (("DEFAULT_STEPS", "stepsSpinBox", "steps"), ("DEFAULT_ALPHA", "alphaSpinBox", "alpha"),
+                   ("DEFAULT_BETA", "betaSpinBox", "beta"))
+
+
+def module_constants(root: Path) -> Dict[str, object]:
+    tree = ast.parse(module_file(root).read_text(encoding="utf-8"))
+    return {t.id: ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)
+            for t in node.targets if isinstance(t, ast.Name) and isinstance(node.value, ast.Constant)}
+
+
+def check_refine_defaults(root: Path) -> List[str]:
+    """The module's refine defaults and the .ui's initial values equal ``RefineSettings``' defaults."""
+    from FCMSegmentationLib.refinement import RefineSettings
+
+    engine, constants = RefineSettings(), module_constants(root)
+    widgets = {w.get("name"): w for w in ET.parse(ui_file(root)).iter("widget")}
+    problems = []
+    for constant, widget, setting in REFINE_DEFAULTS:
+        expected = getattr(engine, setting)
+        if constants.get(constant) != expected:
+            problems.append(f"{constant} = {constants.get(constant)!r}, RefineSettings.{setting} = {expected!r}")
+        value = widgets[widget].find("./property[@name='value']/*") if widget in widgets else None
+        if value is None or float(value.text) != float(expected):
+            shown = None if value is None else value.text
+            problems.append(f"{widget} starts at {shown}, RefineSettings.{setting} = {expected!r}")
+    return problems
+
+
 def test_ui_names_used_in_module_exist():
     assert_no_problems(check_ui_names(ROOT))
 
@@ -471,3 +501,7 @@ def test_module_has_no_heavy_top_level_imports():
 
 def test_license_at_root():
     assert_no_problems(check_license(ROOT))
+
+
+def test_refine_defaults_match_the_engine():
+    assert_no_problems(check_refine_defaults(ROOT))

@@ -374,7 +374,8 @@ def report(docs: Path, data: Dict[str, Any], figure: Path, json_path: Path) -> s
         f"{speed['painted_voxels_first']} voxels), then corrections added on the errors left by our first "
         f"round ({speed['painted_voxels_second']} voxels in all). Medians of {speed['repeats']} repeats; "
         f"refine = `RefinementSession.refine` with default `RefineSettings` ({speed['refine_steps']} steps, "
-        "head only; includes producing the labels on the output grid); GrowCut = `vtkImageGrowCutSegment` "
+        "at most; the head and the stroke-local offsets; includes producing the labels on the output grid); "
+        "GrowCut = `vtkImageGrowCutSegment` "
         f"on the SPECT/CT intensity (building that intensity took a further {med['intensity']:.2f} s).",
         "",
         markdown_table(["step", "CPU seconds (median)", "GPU"], speed_rows),
@@ -392,7 +393,8 @@ def report(docs: Path, data: Dict[str, Any], figure: Path, json_path: Path) -> s
         "painted with the true class t; round-robin over bone and lesion, the class with the lower Dice first; "
         "at the region's deepest point, along its main axis, stopping at its edge; only inside the SPECT field, "
         "where refinement can act); then `refine` runs with default settings on all strokes so far (each "
-        "round continues from the previous one). Dice on the truth's (CT) grid; lesion Dice undefined "
+        "round continues from the previous one). Both tools keep painted voxels as painted. Dice on the "
+        "truth's (CT) grid; lesion Dice undefined "
         "(no lesion in truth and none predicted) is skipped in the means. "
         f"**{GC_SAME}**: `vtkImageGrowCutSegment` on the same cumulative strokes (one filter per case, so "
         "later rounds are incremental updates, as in Slicer). Its first rounds usually lack seeds of some "

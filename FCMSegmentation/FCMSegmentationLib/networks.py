@@ -115,17 +115,21 @@ class UNet(nn.Module):
         return torch.softmax(self.logits(x).float(), dim=1)
 
 
-def pointwise_head_memberships(head: nn.Sequential, features: torch.Tensor) -> torch.Tensor:
-    """The head's softmax memberships for voxel features given as a matrix: (F, n) -> (K, n).
+def pointwise_head_logits(head: nn.Sequential, features: torch.Tensor) -> torch.Tensor:
+    """The head's logits for voxel features given as a matrix: (F, n) -> (K, n).
 
-    Numerically the same as ``softmax(head(x))`` on a feature map, but as two matrix products, which on
-    CPU is several times faster than 1x1 convolutions (forward and backward): the refinement hot path.
+    Numerically the same as ``head(x)`` on a feature map, but as two matrix products, which on CPU is
+    several times faster than 1x1 convolutions (forward and backward): the refinement hot path.
     """
     first, last = head[0], head[-1]
     hidden = torch.nn.functional.leaky_relu(
         first.weight.flatten(1) @ features + first.bias[:, None], 0.01)
-    logits = last.weight.flatten(1) @ hidden + last.bias[:, None]
-    return torch.softmax(logits.float(), dim=0)
+    return last.weight.flatten(1) @ hidden + last.bias[:, None]
+
+
+def pointwise_head_memberships(head: nn.Sequential, features: torch.Tensor) -> torch.Tensor:
+    """Softmax memberships (K, n) of :func:`pointwise_head_logits`."""
+    return torch.softmax(pointwise_head_logits(head, features).float(), dim=0)
 
 
 def build_network(config: Dict[str, Any]) -> UNet:

@@ -229,9 +229,3 @@ def memberships_to_output(memberships: np.ndarray, case: WorkingCase) -> np.ndar
 def labels_from_memberships(memberships: np.ndarray) -> np.ndarray:
     """Hard labels (uint8, 0 background / 1 bone / 2 lesion) as the argmax over classes."""
     return np.argmax(memberships, axis=0).astype(np.uint8)
-
-
-def scribbles_to_working(scribbles: sitk.Image, case: WorkingCase) -> np.ndarray:
-    """Stroke map (0 unpainted, 1 background, 2 bone, 3 lesion) on any grid -> working grid, nearest."""
-    scribbles = as_volume(scribbles, "scribbles")
-    return resample_to(sitk.Cast(sitk.Round(scribbles), sitk.sitkUInt8), case.grid, linear=False).astype(np.uint8)

@@ -15,7 +15,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import InputError
-from .preprocessing import CLASS_NAMES, WorkingCase, as_volume
+from .preprocessing import CLASS_NAMES, WorkingCase, as_volume, resample_to
 
 UNLABELLED = -1
 STROKE_NAMES = {1: "background", 2: "bone", 3: "lesion"}
@@ -59,6 +59,14 @@ def scribbles_to_labels(scribbles: sitk.Image, case: WorkingCase) -> np.ndarray:
             "(were the strokes painted on this image, in the same frame of reference?)"
         )
     return labels
+
+
+def scribbles_to_output(scribbles: sitk.Image, case: WorkingCase) -> np.ndarray:
+    """Stroke codes (uint8 (z, y, x), 0 unpainted) on the output grid, by nearest neighbour: the painted
+    voxels the result keeps as painted."""
+    scribbles = as_volume(scribbles, "scribbles")
+    codes = sitk.Cast(sitk.Round(scribbles), sitk.sitkUInt8)
+    return resample_to(codes, case.output_reference, linear=False).astype(np.uint8)
 
 
 def stroke_counts(labels: np.ndarray) -> Dict[str, int]:

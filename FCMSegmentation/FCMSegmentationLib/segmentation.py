@@ -61,9 +61,19 @@ def predict_working(
     return mask_outside_field_of_view(memberships, case.valid)
 
 
-def result_from_working(memberships: np.ndarray, case: WorkingCase, device: str, notes: List[str]) -> SegmentationResult:
-    """Resample working-grid memberships onto the output grid and take their argmax."""
+def result_from_working(memberships: np.ndarray, case: WorkingCase, device: str, notes: List[str],
+                        painted: Optional[np.ndarray] = None) -> SegmentationResult:
+    """Resample working-grid memberships onto the output grid and take their argmax.
+
+    painted: optional stroke codes on the output grid (0 unpainted, 1 background, 2 bone, 3 lesion);
+    painted voxels keep their painted class, with membership 1, as in Slicer's Grow-from-seeds.
+    """
     on_output = memberships_to_output(memberships, case)
+    if painted is not None and painted.any():
+        where = painted > 0
+        on_output[:, where] = 0.0
+        for code in np.unique(painted[where]):
+            on_output[int(code) - 1][painted == code] = 1.0
     labels = array_to_image(labels_from_memberships(on_output), case.output_reference)
     vector = sitk.GetImageFromArray(np.moveaxis(on_output, 0, -1), isVector=True)
     vector.CopyInformation(case.output_reference)

@@ -75,6 +75,27 @@ def test_short_training_run_writes_a_loadable_model_with_card(tmp_path):
     assert loaded.card["architecture"]["channels"] == [4, 8]
 
 
+def test_training_can_continue_from_a_model_file(tmp_path):
+    from FCMSegmentationLib.errors import InputError
+    from FCMSegmentationLib.modelfile import save_model
+
+    train(TrainConfig(out=str(tmp_path / "first.pt"), **TINY), log=lambda line: None)
+    start = load_model(tmp_path / "first.pt")
+    with torch.no_grad():  # move the weights far from where this seed's random initialisation puts them
+        for parameter in start.network.parameters():
+            parameter.add_(0.5)
+    card = save_model(tmp_path / "start.pt", start.network, start.card)
+    continued = train(TrainConfig(out=str(tmp_path / "next.pt"), init=str(tmp_path / "start.pt"), **dict(TINY, steps=1)),
+                      log=lambda line: None)
+    assert continued["training"]["init_weights_sha256"] == card["weights_sha256"]
+    before = dict(start.network.named_parameters())
+    after = dict(load_model(tmp_path / "next.pt").network.named_parameters())
+    assert max(float((after[k] - before[k]).detach().abs().max()) for k in before) < 0.1  # one step from the loaded weights
+    with pytest.raises(InputError, match="architecture"):
+        train(TrainConfig(out=str(tmp_path / "bad.pt"), init=str(tmp_path / "start.pt"), **dict(TINY, channels=(4, 8, 16))),
+              log=lambda line: None)
+
+
 def test_unsupervised_run_orders_clusters_by_spect(tmp_path):
     out = tmp_path / "unsup.pt"
     card = train(TrainConfig(out=str(out), unsupervised=True, **TINY), log=lambda line: None)

@@ -165,7 +165,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         bone_labels_path=args.bone_labels, validation_phantoms=args.validation, seed=args.seed,
         steps=args.steps, batch=args.batch, crop=args.crop, learning_rate=args.lr, alpha=args.alpha,
         beta=args.beta, unsupervised=args.unsupervised, class_balance=args.class_balance, device=args.device, threads=args.threads,
-        checkpoint_every=args.checkpoint_every, channels=tuple(args.channels),
+        checkpoint_every=args.checkpoint_every, channels=tuple(args.channels), init=args.init,
     )
     check_output_location(config.out, "--out")
     with progress_bar("train") as progress:
@@ -248,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--unsupervised", action="store_true", help="RFCM loss only (no labels)")
     tr.add_argument("--device", default="auto")
     tr.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    tr.add_argument("--init", help="start from this model file's weights (continued training; same --channels)")
     tr.add_argument("--checkpoint-every", type=int, default=250)
     tr.set_defaults(handler=cmd_train)
     return parser

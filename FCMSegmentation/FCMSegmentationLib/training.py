@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from .errors import InputError
 from .losses import fcm_label_loss, rfcm_loss
-from .modelfile import LoadedModel, new_card, save_model
+from .modelfile import LoadedModel, load_model, new_card, save_model
 from .networks import UNet, count_parameters
 from .preprocessing import DEFAULT_SPACING_MM, prepare_case, resample_to
 from .progress import ProgressCallback, report
@@ -66,6 +66,7 @@ class TrainConfig:
     checkpoint_every: int = 250
     device: str = "auto"
     threads: int = 0
+    init: Optional[str] = None  # start from this model file's weights (same architecture) instead of random
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch < 1 or self.phantoms + self.ct_phantoms < 1:
@@ -266,6 +267,16 @@ def validate(model: LoadedModel, count: int, device: str = "cpu") -> Dict[str, A
 
 
 # ----- the loop ---------------------------------------------------------------------------------------
+def _load_initial_weights(network: UNet, path: str) -> str:
+    """Copy a model file's weights into ``network`` (continued training); returns their SHA256."""
+    start = load_model(path, "cpu")
+    if start.network.config != network.config:
+        raise InputError(f"--init {path}: its architecture {start.network.config} differs from this run's "
+                         f"{network.config}; pass the same --channels")
+    network.load_state_dict(start.network.state_dict())
+    return str(start.card.get("weights_sha256"))
+
+
 def train(config: TrainConfig, progress: Optional[ProgressCallback] = None,
           log: Callable[[str], None] = print) -> Dict[str, Any]:
     """Train a model as ``config`` says and write it (with its card) to ``config.out``; returns the card."""
@@ -273,7 +284,9 @@ def train(config: TrainConfig, progress: Optional[ProgressCallback] = None,
     if config.threads:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)  # identical initial weights on every rank
-    network = UNet(channels=config.channels, norm=config.norm).to(context.device)
+    network = UNet(channels=config.channels, norm=config.norm)
+    init_sha256 = _load_initial_weights(network, config.init) if config.init else None
+    network = network.to(context.device)
     plan = phantom_plan(config)[context.rank::context.world]
     started = time.monotonic()
     cases = build_cases(plan, config, progress if context.is_main else None)
@@ -306,13 +319,13 @@ def train(config: TrainConfig, progress: Optional[ProgressCallback] = None,
         if context.is_main:
             report(progress, step / config.steps, f"step {step}/{config.steps} loss {np.mean(losses[-50:]):.4f}")
             if step % config.checkpoint_every == 0 and step < config.steps:
-                card = _save(network, config, step, losses, started, context, None)
+                card = _save(network, config, step, losses, started, context, None, init_sha256=init_sha256)
     order = order_clusters_by_spect(network, cases, context.device) if config.unsupervised else None
     if context.is_main:
         network.eval()
         validation = validate(LoadedModel(network, new_card(network, config.spacing_mm)),
                               config.validation_phantoms, str(context.device)) if config.validation_phantoms else {}
-        card = _save(network, config, config.steps, losses, started, context, validation, order)
+        card = _save(network, config, config.steps, losses, started, context, validation, order, init_sha256)
         log(f"wrote {config.out}; validation {json.dumps(validation)}")
     if context.world > 1:
         dist.barrier()
@@ -321,8 +334,8 @@ def train(config: TrainConfig, progress: Optional[ProgressCallback] = None,
 
 
 def _save(network: UNet, config: TrainConfig, step: int, losses: List[float], started: float,
-          context: Distributed, validation: Optional[Dict[str, Any]], order: Optional[List[int]] = None
-          ) -> Dict[str, Any]:
+          context: Distributed, validation: Optional[Dict[str, Any]], order: Optional[List[int]] = None,
+          init_sha256: Optional[str] = None) -> Dict[str, Any]:
     training = {
         "config": asdict(config),
         "loss": "RFCM only (unsupervised)" if config.unsupervised else
@@ -336,6 +349,7 @@ def _save(network: UNet, config: TrainConfig, step: int, losses: List[float], st
         "world_size": context.world,
         "device": str(context.device),
         "cluster_order": order,
+        "init_weights_sha256": init_sha256,
     }
     card = new_card(network, config.spacing_mm, training=training, validation=validation or {})
     return save_model(config.out, network, card)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from FCMSegmentationLib.networks import UNet, build_network, count_parameters, pointwise_head_memberships
+from FCMSegmentationLib.networks import UNet, build_network, count_parameters, pointwise_head_logits
 
 
 def test_default_3d_network_is_under_two_million_parameters():
@@ -39,7 +39,7 @@ def test_features_then_head_equals_forward():
     with torch.no_grad():
         expected = network(x)
         features = network.features(x)
-        flat = pointwise_head_memberships(network.head, features.reshape(features.shape[1], -1))
+        flat = torch.softmax(pointwise_head_logits(network.head, features.reshape(features.shape[1], -1)), dim=0)
     assert torch.allclose(flat.reshape(expected.shape), expected, atol=1e-5)
 
 

@@ -127,11 +127,6 @@ def pointwise_head_logits(head: nn.Sequential, features: torch.Tensor) -> torch.
     return last.weight.flatten(1) @ hidden + last.bias[:, None]
 
 
-def pointwise_head_memberships(head: nn.Sequential, features: torch.Tensor) -> torch.Tensor:
-    """Softmax memberships (K, n) of :func:`pointwise_head_logits`."""
-    return torch.softmax(pointwise_head_logits(head, features).float(), dim=0)
-
-
 def build_network(config: Dict[str, Any]) -> UNet:
     """A :class:`UNet` from a model card's ``architecture`` dict."""
     return UNet(**config)

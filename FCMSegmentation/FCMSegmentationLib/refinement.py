@@ -284,7 +284,7 @@ class RefinementSession:
                 cell: int, region: Tuple[slice, ...]) -> torch.Tensor:
         """Logits (1, K, *region) of the head on the cached features plus the upsampled offsets."""
         logits = self._head_logits(head, features[(slice(None), slice(None)) + region])
-        return logits if offsets is None else logits + upsample_offsets(offsets, region, cell)
+        return with_offsets(logits, offsets, cell, region)
 
     def _state_memberships(self) -> torch.Tensor:
         """The current state's memberships (1, K, Z, Y, X) on the device, computed once per state (the
@@ -371,9 +371,8 @@ class RefinementSession:
         region = self._sample_crop(labelled, rng, settings, multiple=trainee.size_multiple if full else 1)
         crop = (slice(None), slice(None)) + region
         if full:
-            logits = trainee.logits(torch.from_numpy(self.case.features[None][crop]).to(self.device)).float()
-            if offsets is not None:
-                logits = logits + upsample_offsets(offsets, region, cell)
+            inputs = torch.from_numpy(self.case.features[None][crop]).to(self.device)
+            logits = with_offsets(trainee.logits(inputs).float(), offsets, cell, region)
         else:
             logits = self._logits(trainee.head, self._state.features, offsets, cell, region)
         memberships = torch.softmax(logits, dim=1)
@@ -438,6 +437,12 @@ def balanced_label_loss(memberships: torch.Tensor, labels: torch.Tensor, q: floa
     present = [k for k in torch.unique(labels).tolist() if k != UNLABELLED]
     losses = [fcm_label_loss(memberships, labels, q=q, ignore_index=UNLABELLED, mask=labels == k) for k in present]
     return torch.stack(losses).mean() if losses else memberships.sum() * 0.0
+
+
+def with_offsets(logits: torch.Tensor, offsets: Optional[torch.Tensor], cell: int, region: Tuple[slice, ...]
+                 ) -> torch.Tensor:
+    """Logits (1, K, *region) plus the stroke-local offsets upsampled on ``region`` (unchanged if none)."""
+    return logits if offsets is None else logits + upsample_offsets(offsets, region, cell)
 
 
 def upsample_offsets(offsets: torch.Tensor, region: Tuple[slice, ...], cell: int) -> torch.Tensor:

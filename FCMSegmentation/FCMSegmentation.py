@@ -403,8 +403,8 @@ class FCMSegmentationLogic(ScriptedLoadableModuleLogic):
 
     def _applyResult(self, result) -> str:
         """Main thread: write a SegmentationResult into the output segmentation; return the summary."""
-        summary = self._mrml().apply_result(slicer.mrmlScene, result, self._outputNode, self._referenceNode,
-                                            self._showMemberships)
+        summary = self._mrml().write_result(slicer.mrmlScene, result, self._outputNode, self._referenceNode,
+                                            self._showMemberships).text
         self.lastResult = result
         self.lastDevice = result.device
         self.canUndo = bool(getattr(self._session, "can_undo", False))

@@ -435,7 +435,7 @@ def test_segment_then_refine_round_trip(scene):
     result = segment(mrml.volume_node_to_sitk(spect_node), mrml.volume_node_to_sitk(ct_node), model, "cpu")
     assert isinstance(result, SegmentationResult)
     seg_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "FCM segmentation")
-    summary = mrml.apply_result(scene, result, seg_node, ct_node, show_memberships=True)
+    summary = mrml.write_result(scene, result, seg_node, ct_node, show_memberships=True).text
     assert summary == mrml.format_statistics(mrml.segment_statistics(result.labels))
     applied = mrml.write_result(scene, result, seg_node, ct_node, show_memberships=True)
     assert applied.text == summary

@@ -5,12 +5,12 @@ module's own sample (the procedural phantom that Sample Data generates, same see
 ``vtkMRMLScene`` and draws what the scene holds:
 
 1. ``01_inputs.png``      CT and SPECT volume nodes (SPECT fused on the CT as a hot colour map);
-2. ``02_segment.png``     Bone/Lesion segments written by ``mrml.apply_result``, exported back from the
+2. ``02_segment.png``     Bone/Lesion segments written by ``mrml.write_result``, exported back from the
                           segmentation node to a labelmap and drawn with the colours stored in the node;
 3. ``03_strokes.png``     a strokes segmentation (``mrml.create_scribble_segmentation``) with a few strokes
                           where the result disagrees with the phantom's truth, read back with
                           ``mrml.read_scribbles``;
-4. ``04_refine.png``      the segments after ``RefinementSession.refine`` (applied with ``apply_result``),
+4. ``04_refine.png``      the segments after ``RefinementSession.refine`` (applied with ``write_result``),
                           with Dice against the truth before and after;
 5. ``05_memberships.png`` the lesion membership volume that "Show memberships" creates, as a heat map.
 
@@ -552,7 +552,7 @@ def run_walkthrough(
     session = RefinementSession(spect_in, ct_in, model=model, device=device, patch=patch_size)
     output_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "FCM synthetic SPECT FCM segmentation")
     result = session.segment()
-    record.statistics_before = mrml.apply_result(scene, result, output_node, ct_node)
+    record.statistics_before = mrml.write_result(scene, result, output_node, ct_node).text
     record.engine_labels_before = sitk.GetArrayFromImage(result.labels)
     before = export_result_layer(scene, output_node, ct_node)
     record.mrml_labels_before = before.labels
@@ -595,9 +595,9 @@ def run_walkthrough(
     fig.footer(footer)
     record.figures["03_strokes"] = fig.save(out_dir / "03_strokes.png")
 
-    # ---- 4. Refine (startRefine: read_scribbles -> session.refine -> apply_result, memberships on)
+    # ---- 4. Refine (startRefine: read_scribbles -> session.refine -> write_result, memberships on)
     refined = session.refine(codes_image, steps=steps, alpha=alpha, beta=beta)
-    record.statistics_after = mrml.apply_result(scene, refined, output_node, ct_node, show_memberships=True)
+    record.statistics_after = mrml.write_result(scene, refined, output_node, ct_node, show_memberships=True).text
     after = export_result_layer(scene, output_node, ct_node)
     record.mrml_labels_after = after.labels
     record.dice_after = dice_per_class(after.labels, truth_array)
@@ -619,7 +619,7 @@ def run_walkthrough(
     # ---- 5. memberships: the "FCM membership lesion" volume node made by Show memberships
     membership_node = scene.GetFirstNodeByName("FCM membership lesion")
     if membership_node is None or not membership_node.GetAttribute(mrml.MEMBERSHIP_ATTRIBUTE):
-        raise RuntimeError("apply_result made no lesion membership volume")
+        raise RuntimeError("write_result made no lesion membership volume")
     lesion = sitk.GetArrayFromImage(on_grid_of(mrml.volume_node_to_sitk(membership_node), ct_in))
     fig = Figure(views, "5 · Soft output: lesion membership", "Volume node “FCM membership lesion” (Advanced › "
                  "Show memberships) as a heat map on the CT; 0 transparent, 1 opaque", caption_lines=1)

@@ -537,15 +537,3 @@ def write_result(
     stats = segment_statistics(result.labels)
     return AppliedResult(ids, nodes, stats, format_statistics(stats))
 
-
-def apply_result(
-    scene: "slicer.vtkMRMLScene",
-    result,
-    segmentation_node: "slicer.vtkMRMLSegmentationNode",
-    source_volume_node: Optional["slicer.vtkMRMLScalarVolumeNode"] = None,
-    show_memberships: bool = False,
-    membership_prefix: str = "FCM membership",
-) -> str:
-    """:func:`write_result`, returning only the statistics line (the Logic adds device and notes)."""
-    return write_result(scene, result, segmentation_node, source_volume_node, show_memberships,
-                        membership_prefix).text

@@ -10,6 +10,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
 from benchlib import classical  # noqa: E402
 from benchlib.common import write_section  # noqa: E402
+from benchlib.grid_bound import truth_through_working_grid  # noqa: E402
 from benchlib.simulated_user import PLANES, paint_strokes, seed_strokes  # noqa: E402
 from FCMSegmentationLib.metrics import dice_per_class, same_geometry  # noqa: E402
 
@@ -143,3 +144,16 @@ def test_a_class_gets_both_missed_and_false_regions_painted(tiny_case, truth_arr
     codes, strokes = paint_strokes(truth_array, prediction, tiny_case[2].GetSpacing(), 2, np.random.default_rng(0),
                                    classes=(1,))
     assert sorted(s.code for s in strokes) == [1, 2]  # one 'not bone' stroke, one 'bone' stroke
+
+
+def test_grid_bound_keeps_thick_bone_and_loses_what_is_thinner_than_the_grid(tiny_case, truth_array):
+    spect, ct, truth = tiny_case
+    fine = truth_through_working_grid(spect, ct, truth, spacing_mm=min(truth.GetSpacing()))
+    assert same_geometry(fine, truth)
+    assert dice_per_class(sitk.GetArrayFromImage(fine), truth_array)["bone"] > 0.95
+    plate = np.zeros_like(truth_array)
+    plate[:, :, truth_array.shape[2] // 2] = 1  # one voxel thin: averaged away on a 3x coarser grid
+    plate_image = sitk.GetImageFromArray(plate)
+    plate_image.CopyInformation(truth)
+    coarse = truth_through_working_grid(spect, ct, plate_image, spacing_mm=3 * max(truth.GetSpacing()))
+    assert sitk.GetArrayFromImage(coarse).max() == 0

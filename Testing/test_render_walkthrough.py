@@ -72,3 +72,13 @@ def test_walkthrough_writes_one_png_per_step_from_mrml(walkthrough, random_model
     for dice in (record.dice_before, record.dice_after):
         assert set(dice) == {"bone", "lesion"}
         assert all(np.isnan(v) or 0.0 <= v <= 1.0 for v in dice.values())
+
+
+def test_model_label_says_checkpoint_or_continued_training(walkthrough):
+    path = Path("model.pt")
+    fresh = {"training": {"steps": 1200, "config": {"steps": 1200}, "init_weights_sha256": None}}
+    assert walkthrough.model_label(path, fresh) == "model.pt (1200 training steps)"
+    continued = {"training": {"steps": 2400, "config": {"steps": 2400}, "init_weights_sha256": "fa4b"}}
+    assert walkthrough.model_label(path, continued) == "model.pt (2400 training steps continued from another model)"
+    checkpoint = {"training": {"steps": 250, "config": {"steps": 1200}}}
+    assert "step 250 of 1200" in walkthrough.model_label(path, checkpoint)

@@ -708,7 +708,10 @@ def model_label(path: Path, card: Dict[str, Any]) -> str:
     done, planned = training.get("steps"), (training.get("config") or {}).get("steps")
     if isinstance(done, int) and isinstance(planned, int) and done < planned:
         return f"{path.name} (training checkpoint, step {done} of {planned})"
-    return f"{path.name} ({done} training steps)" if isinstance(done, int) else path.name
+    if not isinstance(done, int):
+        return path.name
+    continued = " continued from another model" if training.get("init_weights_sha256") else ""
+    return f"{path.name} ({done} training steps{continued})"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

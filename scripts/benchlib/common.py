@@ -35,7 +35,9 @@ def load_benchmark_model(path: Optional[str], random_weights: bool = False):
     model = load_model(model_path, "cpu")
     card = model.card
     training = card.get("training", {})
-    described = (f"`{_relative(model_path)}` ({card.get('name', 'model')}, {training.get('steps', '?')} steps, "
+    init = training.get("init_weights_sha256")
+    steps = f"{training.get('steps', '?')} steps" + (f" continued from weights sha256 {init[:12]}" if init else "")
+    described = (f"`{_relative(model_path)}` ({card.get('name', 'model')}, {steps}, "
                  f"weights sha256 {str(card.get('weights_sha256', '?'))[:12]}, created {card.get('created', '?')})")
     return model, described
 

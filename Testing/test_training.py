@@ -1,5 +1,6 @@
 """Training: data preparation, crops, the class-balanced loss, a short run, unsupervised ordering, and
 a 2-process DistributedDataParallel run on the gloo backend through torchrun."""
+import json
 import os
 import subprocess
 import sys
@@ -134,3 +135,33 @@ def test_build_cases_mixes_procedural_and_ct_derived_phantoms(shared_data, tmp_p
     cases = build_cases(phantom_plan(config), config)
     assert len(cases) == 2
     assert all((case.labels == 1).any() for case in cases)  # bone in both, procedural and real anatomy
+
+
+def readme_train_commands():
+    """The ``fcmseg train`` commands of the README's default-model section, as argument lists."""
+    import shlex
+
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    section = text[text.index("## The default model"):]
+    block = section[section.index("```bash"):section.index("```", section.index("```bash") + 3)]
+    joined = block.replace("\\\n", " ")
+    return [shlex.split(line)[1:] for line in joined.splitlines() if line.strip().startswith("fcmseg train")]
+
+
+def test_readme_command_is_the_one_recorded_in_the_shipped_models_card():
+    from dataclasses import asdict
+
+    from FCMSegmentationLib.cli import build_parser, train_config_from_args
+    from FCMSegmentationLib.modelfile import default_model_path, read_card
+
+    commands = readme_train_commands()
+    assert len(commands) == 2, "the README should give stage 1 and stage 2"
+    stage1, stage2 = (train_config_from_args(build_parser().parse_args(c)) for c in commands)
+    training = read_card(default_model_path())["training"]
+    recorded = dict(training["config"])
+    from_readme = json.loads(json.dumps(asdict(stage2)))  # tuples -> lists, as in the card
+    paths = ("out", "init")  # where files were written does not change the weights
+    assert {k: v for k, v in from_readme.items() if k not in paths} == {k: v for k, v in recorded.items() if k not in paths}
+    assert stage2.init == stage1.out, "stage 2 must continue from stage 1's output"
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    assert f"`{training['init_weights_sha256'][:12]}" in readme, "README names another starting model"

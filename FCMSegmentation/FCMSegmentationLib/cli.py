@@ -157,16 +157,23 @@ def cmd_phantom(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from .training import TrainConfig, train
+def train_config_from_args(args: argparse.Namespace):
+    """The :class:`~training.TrainConfig` that ``fcmseg train`` runs with these parsed arguments."""
+    from .training import TrainConfig
 
-    config = TrainConfig(
+    return TrainConfig(
         out=args.out, phantoms=args.phantoms, ct_phantoms=args.ct_phantoms, ct_path=args.from_ct,
         bone_labels_path=args.bone_labels, validation_phantoms=args.validation, seed=args.seed,
         steps=args.steps, batch=args.batch, crop=args.crop, learning_rate=args.lr, alpha=args.alpha,
         beta=args.beta, unsupervised=args.unsupervised, class_balance=args.class_balance, device=args.device, threads=args.threads,
         checkpoint_every=args.checkpoint_every, channels=tuple(args.channels), init=args.init,
     )
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .training import train
+
+    config = train_config_from_args(args)
     check_output_location(config.out, "--out")
     with progress_bar("train") as progress:
         train(config, progress=progress, log=lambda line: print(line, file=sys.stderr))

@@ -137,11 +137,10 @@ def test_build_cases_mixes_procedural_and_ct_derived_phantoms(shared_data, tmp_p
     assert all((case.labels == 1).any() for case in cases)  # bone in both, procedural and real anatomy
 
 
-def readme_train_commands():
+def readme_train_commands(text: str):
     """The ``fcmseg train`` commands of the README's default-model section, as argument lists."""
     import shlex
 
-    text = (REPO / "README.md").read_text(encoding="utf-8")
     section = text[text.index("## The default model"):]
     block = section[section.index("```bash"):section.index("```", section.index("```bash") + 3)]
     joined = block.replace("\\\n", " ")
@@ -154,7 +153,8 @@ def test_readme_command_is_the_one_recorded_in_the_shipped_models_card():
     from FCMSegmentationLib.cli import build_parser, train_config_from_args
     from FCMSegmentationLib.modelfile import default_model_path, read_card
 
-    commands = readme_train_commands()
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    commands = readme_train_commands(readme)
     assert len(commands) == 2, "the README should give stage 1 and stage 2"
     stage1, stage2 = (train_config_from_args(build_parser().parse_args(c)) for c in commands)
     training = read_card(default_model_path())["training"]
@@ -163,5 +163,4 @@ def test_readme_command_is_the_one_recorded_in_the_shipped_models_card():
     paths = ("out", "init")  # where files were written does not change the weights
     assert {k: v for k, v in from_readme.items() if k not in paths} == {k: v for k, v in recorded.items() if k not in paths}
     assert stage2.init == stage1.out, "stage 2 must continue from stage 1's output"
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
     assert f"`{training['init_weights_sha256'][:12]}" in readme, "README names another starting model"

@@ -30,11 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 
 from benchlib import classical  # noqa: E402
-from benchlib.grid_bound import truth_through_working_grid  # noqa: E402
 from benchlib.common import (  # noqa: E402
     CLASSES, REPO, command_line, fmt_mean_sd, load_benchmark_model, machine_line, markdown_table, mean_sd,
     read_real_ct, relative_to_docs, save_figure, write_json, write_section,
 )
+from benchlib.grid_bound import truth_through_working_grid  # noqa: E402
 from benchlib.simulated_user import seed_strokes  # noqa: E402
 
 SECTION = "bench_accuracy"

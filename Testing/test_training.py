@@ -86,9 +86,10 @@ def test_training_can_continue_from_a_model_file(tmp_path):
         for parameter in start.network.parameters():
             parameter.add_(0.5)
     card = save_model(tmp_path / "start.pt", start.network, start.card)
-    continued = train(TrainConfig(out=str(tmp_path / "next.pt"), init=str(tmp_path / "start.pt"), **dict(TINY, steps=1)),
-                      log=lambda line: None)
+    continued = train(TrainConfig(out=str(tmp_path / "next.pt"), init=str(tmp_path / "start.pt"),
+                                  **dict(TINY, steps=1, spacing_mm=2.0)), log=lambda line: None)
     assert continued["training"]["init_weights_sha256"] == card["weights_sha256"]
+    assert load_model(tmp_path / "next.pt").spacing_mm == 2.0  # continued on a finer working grid
     before = dict(start.network.named_parameters())
     after = dict(load_model(tmp_path / "next.pt").network.named_parameters())
     assert max(float((after[k] - before[k]).detach().abs().max()) for k in before) < 0.1  # one step from the loaded weights
@@ -164,3 +165,14 @@ def test_readme_command_is_the_one_recorded_in_the_shipped_models_card():
     assert {k: v for k, v in from_readme.items() if k not in paths} == {k: v for k, v in recorded.items() if k not in paths}
     assert stage2.init == stage1.out, "stage 2 must continue from stage 1's output"
     assert f"`{training['init_weights_sha256'][:12]}" in readme, "README names another starting model"
+
+
+def test_train_spacing_flag_sets_the_working_grid_and_rejects_nonsense(tmp_path):
+    from FCMSegmentationLib.cli import build_parser, train_config_from_args
+    from FCMSegmentationLib.errors import InputError
+
+    base = ["train", "--out", str(tmp_path / "m.pt")]
+    assert train_config_from_args(build_parser().parse_args(base)).spacing_mm == 3.0
+    assert train_config_from_args(build_parser().parse_args(base + ["--spacing", "2"])).spacing_mm == 2.0
+    with pytest.raises(InputError, match="spacing"):
+        train_config_from_args(build_parser().parse_args(base + ["--spacing", "0"]))

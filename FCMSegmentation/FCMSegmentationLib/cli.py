@@ -167,6 +167,7 @@ def train_config_from_args(args: argparse.Namespace):
         steps=args.steps, batch=args.batch, crop=args.crop, learning_rate=args.lr, alpha=args.alpha,
         beta=args.beta, unsupervised=args.unsupervised, class_balance=args.class_balance, device=args.device, threads=args.threads,
         checkpoint_every=args.checkpoint_every, channels=tuple(args.channels), init=args.init,
+        **({"spacing_mm": args.spacing} if args.spacing is not None else {}),
     )
 
 
@@ -245,7 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--seed", type=int, default=1000)
     tr.add_argument("--steps", type=int, default=1500)
     tr.add_argument("--batch", type=int, default=2)
-    tr.add_argument("--crop", type=int, default=64)
+    tr.add_argument("--crop", type=int, default=64, help="training crop side, in working-grid voxels")
+    tr.add_argument("--spacing", type=float, default=None,
+                    help="working-grid voxel size in mm (default 3; recorded in the card, which segment follows)")
     tr.add_argument("--lr", type=float, default=2e-3)
     tr.add_argument("--alpha", type=float, default=1.0)
     tr.add_argument("--beta", type=float, default=0.0008)

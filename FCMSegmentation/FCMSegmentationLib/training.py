@@ -75,6 +75,8 @@ class TrainConfig:
             raise InputError("CT-derived phantoms need --from-ct and --bone-labels")
         if self.crop % 8:
             raise InputError("crop must be a multiple of 8")
+        if not self.spacing_mm > 0:
+            raise InputError(f"spacing must be a positive number of mm, got {self.spacing_mm}")
 
 
 @dataclass

@@ -2,18 +2,16 @@
 import numpy as np
 import SimpleITK as sitk
 
-from FCMSegmentationLib.preprocessing import (
-    NUM_CLASSES, array_to_image, labels_from_memberships, memberships_to_output, prepare_case, resample_to,
-)
-from FCMSegmentationLib.segmentation import mask_outside_field_of_view
+from FCMSegmentationLib.preprocessing import NUM_CLASSES, array_to_image, prepare_case, resample_to
+from FCMSegmentationLib.segmentation import mask_outside_field_of_view, result_from_working
 
 
 def truth_through_working_grid(spect: sitk.Image, ct: sitk.Image, truth: sitk.Image, spacing_mm: float) -> sitk.Image:
     """The truth's one-hot classes resampled linearly onto the working grid (inside the SPECT field) and
-    back onto the CT grid, then argmax: what a perfect model on that grid would score (not a method)."""
+    back onto the CT grid by the model's own output path, then argmax: what a perfect model on that grid
+    would score (not a method)."""
     case = prepare_case(spect, ct, spacing_mm)
     truth_array = sitk.GetArrayFromImage(truth)
     one_hot = np.stack([resample_to(array_to_image((truth_array == k).astype(np.float32), truth), case.grid)
                         for k in range(NUM_CLASSES)])
-    on_output = memberships_to_output(mask_outside_field_of_view(one_hot, case.valid), case)
-    return array_to_image(labels_from_memberships(on_output), truth)
+    return result_from_working(mask_outside_field_of_view(one_hot, case.valid), case, "", []).labels

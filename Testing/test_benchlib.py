@@ -135,6 +135,8 @@ def test_report_sections_are_rewritten_in_place(tmp_path):
     assert "second A" in text and "first A" not in text and "only B" in text
     assert text.index("BEGIN a") < text.index("BEGIN b")
     assert text.count("<!-- BEGIN a -->") == 1 and text.count("<!-- END a -->") == 1
+    titled = write_section(tmp_path / "other.md", "a", "body", title="# Other report\n")
+    assert titled.read_text().startswith("# Other report\n")
 
 
 def test_a_class_gets_both_missed_and_false_regions_painted(tiny_case, truth_array):
@@ -157,3 +159,24 @@ def test_grid_bound_keeps_thick_bone_and_loses_what_is_thinner_than_the_grid(tin
     plate_image.CopyInformation(truth)
     coarse = truth_through_working_grid(spect, ct, plate_image, spacing_mm=3 * max(truth.GetSpacing()))
     assert sitk.GetArrayFromImage(coarse).max() == 0
+
+
+def test_compare_models_reports_paired_differences_against_the_first_model(tmp_path, random_model):
+    import json
+
+    import compare_models
+    from FCMSegmentationLib.modelfile import default_model_path, save_model
+
+    untrained = tmp_path / "untrained.pt"
+    save_model(untrained, random_model.network, random_model.card)
+    report = tmp_path / "selection.md"
+    assert compare_models.main([str(default_model_path()), str(untrained), "--procedural", "1", "--ct-derived", "0",
+                                "--report", str(report)]) == 0
+    text = report.read_text()
+    assert text.startswith("# Model selection") and "<!-- BEGIN compare_models -->" in text
+    assert f"`{untrained}` minus `{default_model_path()}`" in text
+    results = json.loads((tmp_path / "results" / "compare_models.json").read_text())
+    difference = results["differences"][str(untrained)]["spect_ct_bone"]["all"]
+    shipped, bare = (results["scores"][str(path)][0]["bone"] for path in (default_model_path(), untrained))
+    assert difference["cases"] == 1 and difference["mean"] == pytest.approx(bare - shipped)
+    assert difference["mean"] < 0  # random weights lose to the shipped model

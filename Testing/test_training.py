@@ -128,12 +128,13 @@ def test_two_process_ddp_on_gloo(tmp_path):
 
 
 def test_build_cases_mixes_procedural_and_ct_derived_phantoms(shared_data, tmp_path):
-    from FCMSegmentationLib.training import build_cases
+    from FCMSegmentationLib.training import build_cases, read_real_ct
 
     config = TrainConfig(out=str(tmp_path / "m.pt"), phantoms=1, ct_phantoms=1,
                          ct_path=str(shared_data / "realct_dicom" / "ct_dicom"),
                          bone_labels_path=str(shared_data / "realct_dicom" / "totalsegmentator_labels.nii.gz"))
-    cases = build_cases(phantom_plan(config), config)
+    assert read_real_ct(TrainConfig(out="m.pt")) == (None, None)
+    cases = build_cases(phantom_plan(config), config, read_real_ct(config))
     assert len(cases) == 2
     assert all((case.labels == 1).any() for case in cases)  # bone in both, procedural and real anatomy
 
@@ -176,3 +177,15 @@ def test_train_spacing_flag_sets_the_working_grid_and_rejects_nonsense(tmp_path)
     assert train_config_from_args(build_parser().parse_args(base + ["--spacing", "2"])).spacing_mm == 2.0
     with pytest.raises(InputError, match="spacing"):
         train_config_from_args(build_parser().parse_args(base + ["--spacing", "0"]))
+
+
+def test_validation_adds_ct_derived_phantoms_when_the_run_has_a_real_ct(shared_data, random_model):
+    from FCMSegmentationLib.training import read_real_ct, validate
+    from FCMSegmentationLib.validation import CT_DERIVED_SEED_OFFSET, VALIDATION_SEED_BASE
+
+    config = TrainConfig(out="m.pt", ct_phantoms=1, ct_path=str(shared_data / "realct_dicom" / "ct_dicom"),
+                         bone_labels_path=str(shared_data / "realct_dicom" / "totalsegmentator_labels.nii.gz"))
+    summary = validate(random_model, 1, real_ct=read_real_ct(config))
+    assert summary["seeds"] == [VALIDATION_SEED_BASE, VALIDATION_SEED_BASE + CT_DERIVED_SEED_OFFSET]
+    assert set(summary["by_kind"]) == {"procedural", "ct"}
+    assert {"spect_ct_bone_dice", "spect_only_lesion_dice"} <= set(summary["by_kind"]["ct"])

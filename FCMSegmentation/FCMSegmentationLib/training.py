@@ -9,8 +9,9 @@ in class order (background < bone < lesion by mean SPECT) by permuting the head'
 Data: procedural (and, when a real CT with bone labels is given, CT-derived) phantoms from
 :mod:`phantoms`, prepared exactly as at inference (:func:`preprocessing.prepare_case`), cropped at random
 (half the crops centred on lesions), with the CT channel dropped at random so the model works on SPECT
-alone. Seeds: training phantoms use ``seed .. seed+n-1``; validation uses :data:`VALIDATION_SEED_BASE`+i;
-benchmarks use seeds from :data:`BENCHMARK_SEED_BASE` — never used in training.
+alone. Seeds: training phantoms use ``seed .. seed+n-1``; validation phantoms (procedural and, when a real
+CT is given, CT-derived) use :mod:`validation`'s seeds; benchmarks use seeds from
+:data:`BENCHMARK_SEED_BASE` — never used in training.
 
 Distributed: run under ``torchrun --nproc_per_node=N`` (gloo on CPU, NCCL on GPUs); each rank builds its
 own shard of phantoms and DistributedDataParallel averages gradients; rank 0 writes the checkpoint.
@@ -32,8 +33,8 @@ from .modelfile import LoadedModel, load_model, new_card, save_model
 from .networks import UNet, count_parameters
 from .preprocessing import DEFAULT_SPACING_MM, prepare_case, resample_to
 from .progress import ProgressCallback, report
+from .validation import VALIDATION_SEED_BASE, score_models, summarise, validation_plan
 
-VALIDATION_SEED_BASE = 5_000_000
 BENCHMARK_SEED_BASE = 10_000_000
 IGNORE = -1
 
@@ -137,14 +138,24 @@ def phantom_plan(config: TrainConfig) -> List[Tuple[str, int]]:
     return plan
 
 
-def build_cases(plan: Sequence[Tuple[str, int]], config: TrainConfig,
-                progress: Optional[ProgressCallback] = None) -> List[TrainingCase]:
-    """Generate and prepare the phantoms of ``plan``."""
+RealCT = Tuple[Optional[sitk.Image], Optional[sitk.Image]]
+
+
+def read_real_ct(config: TrainConfig) -> RealCT:
+    """(CT, bone labels) that CT-derived phantoms are built on, or (None, None) if the run has none."""
     from .imageio import read_image
+
+    if not (config.ct_path and config.bone_labels_path):
+        return None, None
+    return read_image(config.ct_path), read_image(config.bone_labels_path)
+
+
+def build_cases(plan: Sequence[Tuple[str, int]], config: TrainConfig, real_ct: RealCT = (None, None),
+                progress: Optional[ProgressCallback] = None) -> List[TrainingCase]:
+    """Generate and prepare the phantoms of ``plan`` (CT-derived ones on ``real_ct``)."""
     from .phantoms import generate_phantom
 
-    ct = read_image(config.ct_path) if config.ct_path else None
-    bone = read_image(config.bone_labels_path) if config.bone_labels_path else None
+    ct, bone = real_ct
     cases = []
     for number, (kind, seed) in enumerate(plan, start=1):
         phantom = (generate_phantom(seed, kind="ct", ct=ct, bone_labels=bone) if kind == "ct"
@@ -248,24 +259,12 @@ def order_clusters_by_spect(network: UNet, cases: Sequence[TrainingCase], device
 
 
 # ----- validation -----------------------------------------------------------------------------------
-def validate(model: LoadedModel, count: int, device: str = "cpu") -> Dict[str, Any]:
-    """Mean per-class Dice of ``model`` on ``count`` held-out procedural phantoms, with and without CT."""
-    from .metrics import evaluate_images
-    from .phantoms import generate_phantom
-    from .segmentation import segment
-
-    results: Dict[str, List[float]] = {}
-    for i in range(count):
-        phantom = generate_phantom(VALIDATION_SEED_BASE + i, kind="procedural")
-        for label, ct in (("spect_ct", phantom.ct), ("spect_only", None)):
-            result = segment(phantom.spect, ct, model, device=device)
-            truth = phantom.truth
-            for name, value in evaluate_images(result.labels, truth).items():
-                results.setdefault(f"{label}_{name}_dice", []).append(value)
-    summary = {key: float(np.nanmean(values)) if np.isfinite(values).any() else None
-               for key, values in results.items()}
-    summary["seeds"] = [VALIDATION_SEED_BASE + i for i in range(count)]
-    return summary
+def validate(model: LoadedModel, count: int, device: str = "cpu", real_ct: RealCT = (None, None)) -> Dict[str, Any]:
+    """Mean per-class Dice of ``model``, with and without CT, on ``count`` held-out procedural phantoms and,
+    when ``real_ct`` is given, ``max(1, count // 2)`` CT-derived ones (see :func:`validation.summarise`)."""
+    ct_derived = max(1, count // 2) if count and real_ct[0] is not None else 0
+    scores = score_models({"model": model}, validation_plan(count, ct_derived), *real_ct, device=device)
+    return summarise(scores["model"])
 
 
 # ----- the loop ---------------------------------------------------------------------------------------
@@ -291,7 +290,8 @@ def train(config: TrainConfig, progress: Optional[ProgressCallback] = None,
     network = network.to(context.device)
     plan = phantom_plan(config)[context.rank::context.world]
     started = time.monotonic()
-    cases = build_cases(plan, config, progress if context.is_main else None)
+    real_ct = read_real_ct(config)
+    cases = build_cases(plan, config, real_ct, progress if context.is_main else None)
     if context.is_main:
         log(f"prepared {len(cases)} phantoms per rank in {time.monotonic() - started:.0f} s; "
             f"{count_parameters(network)} parameters; world size {context.world}")
@@ -326,7 +326,7 @@ def train(config: TrainConfig, progress: Optional[ProgressCallback] = None,
     if context.is_main:
         network.eval()
         validation = validate(LoadedModel(network, new_card(network, config.spacing_mm)),
-                              config.validation_phantoms, str(context.device)) if config.validation_phantoms else {}
+                              config.validation_phantoms, str(context.device), real_ct) if config.validation_phantoms else {}
         card = _save(network, config, config.steps, losses, started, context, validation, order, init_sha256)
         log(f"wrote {config.out}; validation {json.dumps(validation)}")
     if context.world > 1:

@@ -92,7 +92,7 @@ def run_case(entry: Dict[str, Any], model, real_ct, real_labels, seeds_per_class
              overlay_path: Optional[Path], quick: bool = False) -> Dict[str, Any]:
     import SimpleITK as sitk
 
-    from FCMSegmentationLib.metrics import evaluate_images
+    from FCMSegmentationLib.metrics import evaluate_images, evaluate_lesions
     from FCMSegmentationLib.phantoms import generate_phantom
     from FCMSegmentationLib.segmentation import segment
 
@@ -112,7 +112,8 @@ def run_case(entry: Dict[str, Any], model, real_ct, real_labels, seeds_per_class
     model_result = None
 
     def record(name: str, labels, seconds: float, extra: Optional[Dict[str, Any]] = None) -> None:
-        results[name] = dict(evaluate_images(labels, truth), seconds=round(seconds, 3), **(extra or {}))
+        results[name] = dict(evaluate_images(labels, truth), lesion_detection=evaluate_lesions(labels, truth),
+                             seconds=round(seconds, 3), **(extra or {}))
 
     model_result, seconds = timed(lambda: segment(spect, ct, model, device="auto"))
     record(MODEL, model_result.labels, seconds, {"device": model_result.device})
@@ -161,6 +162,14 @@ def summarise(cases: List[Dict[str, Any]]) -> Dict[str, Any]:
             for method in METHODS
         }
     return summary
+
+
+def lesion_detection(cases: List[Dict[str, Any]]) -> Dict[str, Dict[str, float]]:
+    """Lesion-by-lesion counts of every method, pooled over all cases."""
+    from FCMSegmentationLib.metrics import pool_lesion_detection
+
+    return {method: pool_lesion_detection([c["methods"][method]["lesion_detection"] for c in cases])
+            for method in METHODS}
 
 
 def targets(summary: Dict[str, Any]) -> List[Dict[str, Any]]:
@@ -232,6 +241,12 @@ def report(docs: Path, data: Dict[str, Any], figure: Path, overlay: Optional[Pat
         margin = "n/a" if t["margin"] is None else f"{t['margin']:+.3f}"
         target_rows.append([t["class"], value, f">= {t['target']:.2f}", "**met**" if t["met_absolute"] else "**not met**",
                             f"{best} ({t['best_classical']})", margin, "**met**" if t["met_margin"] else "**not met**"])
+    def share(value: float) -> str:
+        return "n/a" if value != value else f"{value:.2f}"
+
+    detection_rows = [[method, f"{d['found']} / {d['lesions']} ({share(d['sensitivity'])})",
+                       share(d["false_lesions_per_case"]), share(d["voxel_precision"]), share(d["voxel_recall"])]
+                      for method, d in data["lesion_detection"].items()]
     case_rows = []
     for case in cases:
         cells = [f"{case['kind']} {case['seed']}", case["truth_voxels"]["lesion"]]
@@ -268,6 +283,15 @@ def report(docs: Path, data: Dict[str, Any], figure: Path, overlay: Optional[Pat
         "",
         markdown_table(["class", "model Dice", "target", "absolute", "best classical", "margin", "margin target"],
                        target_rows),
+        "",
+        "Lesion by lesion, pooled over all cases (`metrics.lesion_detection`; a lesion is a 26-connected "
+        "component of the lesion label): a true lesion is found when any predicted lesion voxel touches it; "
+        "a false lesion is a predicted component touching no true one; voxel precision and recall pool all "
+        "lesion voxels of all cases. They say why lesion Dice is low: missed lesions lower recall, a predicted "
+        "lesion larger than the true one lowers precision.",
+        "",
+        markdown_table(["method", "lesions found", "false lesions / case", "voxel precision", "voxel recall"],
+                       detection_rows),
         "",
         "Methods:",
         "",
@@ -359,7 +383,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     data = {
         "benchmark": SECTION, "machine": machine_line(), "command": command_line(), "model": model_description,
         "quick": args.quick, "total_seconds": time.perf_counter() - started,
-        "summary": summary, "targets": targets(summary), "cases": cases,
+        "summary": summary, "targets": targets(summary), "lesion_detection": lesion_detection(cases), "cases": cases,
     }
     json_path = write_json(results_dir / "bench_accuracy.json", data)
     figure = bar_chart(summary, figures / "accuracy_dice.png",

@@ -180,3 +180,26 @@ def test_compare_models_reports_paired_differences_against_the_first_model(tmp_p
     shipped, bare = (results["scores"][str(path)][0]["bone"] for path in (default_model_path(), untrained))
     assert difference["cases"] == 1 and difference["mean"] == pytest.approx(bare - shipped)
     assert difference["mean"] < 0  # random weights lose to the shipped model
+
+
+def test_recorded_lesions_are_found_by_their_component_and_grouped_by_size_and_coldness(tiny_case, truth_array):
+    from benchlib.lesions import lesion_group, lesions_found, sensitivity_by_group
+
+    truth = tiny_case[2]
+    centre = truth.TransformIndexToPhysicalPoint((24, 22, 16))  # the tiny case's lesion
+    elsewhere = truth.TransformIndexToPhysicalPoint((24, 22, 2))  # bone, no lesion there
+    lesions = [{"centre_mm": centre, "diameter_mm": 14.0, "cold": False},
+               {"centre_mm": elsewhere, "diameter_mm": 5.0, "cold": False},
+               {"centre_mm": centre, "diameter_mm": 9.0, "cold": True}]
+    prediction = np.where(truth_array == 2, 1, truth_array).astype(np.uint8)
+    prediction[16, 22, 24] = 2  # one voxel of the lesion
+    labels = sitk.GetImageFromArray(prediction)
+    labels.CopyInformation(truth)
+    assert lesions_found(lesions, truth, labels) == [True, False, True]
+    missed = sitk.GetImageFromArray(np.where(truth_array == 2, 1, truth_array).astype(np.uint8))
+    missed.CopyInformation(truth)
+    assert lesions_found(lesions, truth, missed) == [False, False, False]
+    assert [lesion_group(lesion) for lesion in lesions] == ["hot, 14–20 mm", "hot, 4–8 mm", "cold"]
+    assert sensitivity_by_group(lesions, [True, False, True]) == {
+        "hot, 4–8 mm": {"lesions": 1, "found": 0}, "hot, 14–20 mm": {"lesions": 1, "found": 1},
+        "cold": {"lesions": 1, "found": 1}}

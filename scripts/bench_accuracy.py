@@ -35,6 +35,7 @@ from benchlib.common import (  # noqa: E402
     read_real_ct, relative_to_docs, save_figure, write_json, write_section,
 )
 from benchlib.grid_bound import truth_through_working_grid  # noqa: E402
+from benchlib.lesions import lesions_found, sensitivity_by_group  # noqa: E402
 from benchlib.simulated_user import seed_strokes  # noqa: E402
 
 SECTION = "bench_accuracy"
@@ -110,9 +111,12 @@ def run_case(entry: Dict[str, Any], model, real_ct, real_labels, seeds_per_class
 
     results: Dict[str, Any] = {}
     model_result = None
+    recorded_lesions = [{key: lesion[key] for key in ("centre_mm", "diameter_mm", "contrast", "cold")}
+                        for lesion in phantom.params.get("lesions") or []]
 
     def record(name: str, labels, seconds: float, extra: Optional[Dict[str, Any]] = None) -> None:
         results[name] = dict(evaluate_images(labels, truth), lesion_detection=evaluate_lesions(labels, truth),
+                             lesions_found=lesions_found(recorded_lesions, truth, labels),
                              seconds=round(seconds, 3), **(extra or {}))
 
     model_result, seconds = timed(lambda: segment(spect, ct, model, device="auto"))
@@ -143,7 +147,7 @@ def run_case(entry: Dict[str, Any], model, real_ct, real_labels, seeds_per_class
         "kind": entry["kind"], "seed": entry["seed"], "generation_seconds": round(generation_seconds, 2),
         "ct_shape_xyz": list(ct.GetSize()), "ct_spacing_mm": [round(s, 3) for s in ct.GetSpacing()],
         "truth_voxels": {"bone": int((truth_array == 1).sum()), "lesion": int((truth_array == 2).sum())},
-        "lesions": len(phantom.params.get("lesions") or []),
+        "lesions": recorded_lesions,
         "methods": results,
     }
 
@@ -169,6 +173,13 @@ def lesion_detection(cases: List[Dict[str, Any]]) -> Dict[str, Dict[str, float]]
     from FCMSegmentationLib.metrics import pool_lesion_detection
 
     return {method: pool_lesion_detection([c["methods"][method]["lesion_detection"] for c in cases])
+            for method in METHODS}
+
+
+def lesions_found_by_group(cases: List[Dict[str, Any]]) -> Dict[str, Dict[str, Dict[str, int]]]:
+    """``{method: {group: {"lesions", "found"}}}``: the recorded lesions each method finds, pooled over cases."""
+    lesions = [lesion for c in cases for lesion in c["lesions"]]
+    return {method: sensitivity_by_group(lesions, [hit for c in cases for hit in c["methods"][method]["lesions_found"]])
             for method in METHODS}
 
 
@@ -247,6 +258,10 @@ def report(docs: Path, data: Dict[str, Any], figure: Path, overlay: Optional[Pat
     detection_rows = [[method, f"{d['found']} / {d['lesions']} ({share(d['sensitivity'])})",
                        share(d["false_lesions_per_case"]), share(d["voxel_precision"]), share(d["voxel_recall"])]
                       for method, d in data["lesion_detection"].items()]
+    by_group = data["lesions_found_by_group"]
+    groups = list(by_group[GRID_BOUND])
+    group_rows = [[SHORT[method]] + [f"{by_group[method][g]['found']} / {by_group[method][g]['lesions']}" for g in groups]
+                  for method in METHODS]
     case_rows = []
     for case in cases:
         cells = [f"{case['kind']} {case['seed']}", case["truth_voxels"]["lesion"]]
@@ -292,6 +307,11 @@ def report(docs: Path, data: Dict[str, Any], figure: Path, overlay: Optional[Pat
         "",
         markdown_table(["method", "lesions found", "false lesions / case", "voxel precision", "voxel recall"],
                        detection_rows),
+        "",
+        "Lesions found, by the simulated lesion's diameter and by hot or cold (uptake above or below its bone); "
+        "`benchlib/lesions.py` matches each lesion the phantom recorded to its true lesion:",
+        "",
+        markdown_table(["method"] + groups, group_rows),
         "",
         "Methods:",
         "",
@@ -383,7 +403,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     data = {
         "benchmark": SECTION, "machine": machine_line(), "command": command_line(), "model": model_description,
         "quick": args.quick, "total_seconds": time.perf_counter() - started,
-        "summary": summary, "targets": targets(summary), "lesion_detection": lesion_detection(cases), "cases": cases,
+        "summary": summary, "targets": targets(summary), "lesion_detection": lesion_detection(cases),
+        "lesions_found_by_group": lesions_found_by_group(cases), "cases": cases,
     }
     json_path = write_json(results_dir / "bench_accuracy.json", data)
     figure = bar_chart(summary, figures / "accuracy_dice.png",

@@ -7,10 +7,9 @@ import sys
 
 import numpy as np
 import pytest
-import SimpleITK as sitk
 import torch
 
-from conftest import REPO, make_tiny_case
+from conftest import REPO
 from FCMSegmentationLib.losses import fcm_label_loss
 from FCMSegmentationLib.modelfile import load_model
 from FCMSegmentationLib.training import (
@@ -57,7 +56,8 @@ def test_label_loss_class_balance_interpolates_between_plain_and_per_class_means
 
 
 def test_phantom_plan_seeds_are_disjoint_from_validation_and_benchmark():
-    from FCMSegmentationLib.training import BENCHMARK_SEED_BASE, VALIDATION_SEED_BASE
+    from FCMSegmentationLib.training import BENCHMARK_SEED_BASE
+    from FCMSegmentationLib.validation import VALIDATION_SEED_BASE
 
     plan = phantom_plan(TrainConfig(out="x.pt", phantoms=48, ct_phantoms=8, ct_path="a", bone_labels_path="b"))
     seeds = [seed for _, seed in plan]

@@ -33,7 +33,7 @@ from .modelfile import LoadedModel, load_model, new_card, save_model
 from .networks import UNet, count_parameters
 from .preprocessing import DEFAULT_SPACING_MM, prepare_case, resample_to
 from .progress import ProgressCallback, report
-from .validation import VALIDATION_SEED_BASE, score_models, summarise, validation_plan
+from .validation import score_models, summarise, validation_plan
 
 BENCHMARK_SEED_BASE = 10_000_000
 IGNORE = -1

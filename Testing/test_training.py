@@ -149,22 +149,23 @@ def readme_train_commands(text: str):
     return [shlex.split(line)[1:] for line in joined.splitlines() if line.strip().startswith("fcmseg train")]
 
 
-def test_readme_command_is_the_one_recorded_in_the_shipped_models_card():
+def test_readme_commands_are_the_ones_recorded_in_the_shipped_models_card():
     from dataclasses import asdict
 
     from FCMSegmentationLib.cli import build_parser, train_config_from_args
     from FCMSegmentationLib.modelfile import default_model_path, read_card
 
     readme = (REPO / "README.md").read_text(encoding="utf-8")
-    commands = readme_train_commands(readme)
-    assert len(commands) == 2, "the README should give stage 1 and stage 2"
-    stage1, stage2 = (train_config_from_args(build_parser().parse_args(c)) for c in commands)
+    stages = [train_config_from_args(build_parser().parse_args(c)) for c in readme_train_commands(readme)]
+    assert len(stages) >= 2, "the README should give every training stage of the default model"
     training = read_card(default_model_path())["training"]
     recorded = dict(training["config"])
-    from_readme = json.loads(json.dumps(asdict(stage2)))  # tuples -> lists, as in the card
+    from_readme = json.loads(json.dumps(asdict(stages[-1])))  # tuples -> lists, as in the card
     paths = ("out", "init")  # where files were written does not change the weights
     assert {k: v for k, v in from_readme.items() if k not in paths} == {k: v for k, v in recorded.items() if k not in paths}
-    assert stage2.init == stage1.out, "stage 2 must continue from stage 1's output"
+    assert stages[0].init is None, "the first stage starts from random weights"
+    for number, (earlier, later) in enumerate(zip(stages, stages[1:]), start=2):
+        assert later.init == earlier.out, f"stage {number} must continue from stage {number - 1}'s output"
     assert f"`{training['init_weights_sha256'][:12]}" in readme, "README names another starting model"
 
 

@@ -6,8 +6,8 @@ All models are scored on the same validation phantoms (procedural and CT-derived
 is compared with the first one case by case, with a 95 % bootstrap interval on the mean difference: an
 interval that straddles 0 means the phantoms cannot tell the two apart.
 
-Writes the ``compare_models`` section of docs/model_selection.md (or ``--report``) and
-results/compare_models.json beside it.
+Writes the ``compare_models`` section (or ``--section``) of docs/model_selection.md (or ``--report``) and
+results/<section>.json beside it.
 
     python scripts/compare_models.py out/fcmseg_v4.pt out/fcmseg_v7.pt --threads 2
     python scripts/compare_models.py A.pt B.pt --procedural 2 --ct-derived 1 --report out/cmp.md  # quick look
@@ -78,6 +78,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--spect-only", action="store_true", help="also score each model without the CT")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     parser.add_argument("--report", type=Path, default=REPO / "docs" / "model_selection.md")
+    parser.add_argument("--section", default=SECTION,
+                        help="name of the report's section to (re)write, so that one page can keep several comparisons")
     args = parser.parse_args(argv)
     if len(args.models) < 2:
         parser.error("give at least two models to compare")
@@ -108,8 +110,8 @@ def main(argv: Optional[List[str]] = None) -> int:
               f"Phantoms: {args.procedural} procedural and {args.ct_derived} CT-derived validation phantoms "
               f"(seeds {summaries[args.models[0]]['seeds'][0]}…{summaries[args.models[0]]['seeds'][-1]})."]
     body = format_report(args.models, summaries, differences, header)
-    write_section(args.report, SECTION, body, title=TITLE)
-    write_json(args.report.parent / "results" / f"{SECTION}.json",
+    write_section(args.report, args.section, body, title=TITLE)
+    write_json(args.report.parent / "results" / f"{args.section}.json",
                {"scores": {name: [asdict(score) for score in case_scores] for name, case_scores in scores.items()},
                 "summaries": summaries, "differences": differences})
     print(body)

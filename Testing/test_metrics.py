@@ -5,7 +5,14 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from FCMSegmentationLib.metrics import dice, dice_per_class, evaluate_lesions, lesion_detection, pool_lesion_detection
+from FCMSegmentationLib.metrics import (
+    dice,
+    dice_per_class,
+    evaluate_lesions,
+    lesion_components,
+    lesion_detection,
+    pool_lesion_detection,
+)
 
 
 def test_dice_counts_overlap_and_is_undefined_for_two_empty_masks():
@@ -38,6 +45,8 @@ def test_lesion_detection_joins_diagonal_neighbours_into_one_lesion():
     truth = np.zeros((3, 3, 3), np.uint8)
     truth[0, 0, 0] = truth[1, 1, 1] = 2
     assert lesion_detection(np.zeros_like(truth), truth)["lesions"] == 1
+    components, count = lesion_components(truth)
+    assert count == 1 and components[0, 0, 0] == components[1, 1, 1] == 1 and components.sum() == 2
     with pytest.raises(ValueError, match="shape"):
         lesion_detection(np.zeros((2, 2, 2)), truth)
 

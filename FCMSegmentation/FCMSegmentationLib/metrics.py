@@ -1,5 +1,5 @@
 """Overlap metrics for evaluating label maps: per-class Dice, and a lesion-by-lesion view."""
-from typing import Dict, Sequence
+from typing import Dict, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -47,6 +47,11 @@ def evaluate_images(pred: sitk.Image, truth: sitk.Image) -> Dict[str, float]:
     return dice_per_class(sitk.GetArrayFromImage(pred), sitk.GetArrayFromImage(truth))
 
 
+def lesion_components(labels: np.ndarray, lesion: int = 2) -> Tuple[np.ndarray, int]:
+    """The 26-connected components of ``labels == lesion`` (numbered from 1, 0 elsewhere) and their count."""
+    return ndimage.label(labels == lesion, structure=np.ones((3,) * labels.ndim, dtype=bool))
+
+
 def lesion_detection(pred: np.ndarray, truth: np.ndarray, lesion: int = 2) -> Dict[str, int]:
     """Lesion-level counts of a predicted label array against the truth (equal shapes).
 
@@ -58,10 +63,9 @@ def lesion_detection(pred: np.ndarray, truth: np.ndarray, lesion: int = 2) -> Di
     if pred.shape != truth.shape:
         raise ValueError(f"shape mismatch: prediction {pred.shape} vs truth {truth.shape}")
     predicted, actual = pred == lesion, truth == lesion
-    connectivity = np.ones((3,) * truth.ndim, dtype=bool)
-    true_components, count = ndimage.label(actual, structure=connectivity)
+    true_components, count = lesion_components(truth, lesion)
     found = len(np.setdiff1d(np.unique(true_components[predicted]), [0]))
-    predicted_components, predicted_count = ndimage.label(predicted, structure=connectivity)
+    predicted_components, predicted_count = lesion_components(pred, lesion)
     touching = len(np.setdiff1d(np.unique(predicted_components[actual]), [0]))
     return {"lesions": int(count), "found": int(found), "false_lesions": int(predicted_count - touching),
             "true_voxels": int(actual.sum()), "predicted_voxels": int(predicted.sum()),

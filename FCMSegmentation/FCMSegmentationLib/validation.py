@@ -7,7 +7,7 @@ lesion Dice varies far more between phantoms (sd about 0.25) than between two si
 paired difference cancels the phantom-to-phantom part.
 """
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -15,6 +15,9 @@ import SimpleITK as sitk
 from .errors import InputError
 from .modelfile import LoadedModel
 from .progress import ProgressCallback, report
+
+if TYPE_CHECKING:  # phantoms is imported only when phantoms are made
+    from .phantoms import SimulationRanges
 
 VALIDATION_SEED_BASE = 5_000_000
 CT_DERIVED_SEED_OFFSET = 100
@@ -52,7 +55,7 @@ def score_models(
     bone_labels: Optional[sitk.Image] = None,
     device: str = "cpu",
     inputs: Sequence[str] = INPUTS,
-    ranges=None,
+    ranges: Optional["SimulationRanges"] = None,
     progress: Optional[ProgressCallback] = None,
 ) -> Dict[str, List[CaseScore]]:
     """Per-case Dice of every model in ``models`` on the phantoms of ``plan``, each phantom made once.

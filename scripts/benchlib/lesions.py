@@ -6,9 +6,7 @@ lesion label holding its centre; two touching lesions share a component, and so 
 """
 from typing import Any, Dict, List, Mapping, Sequence, Tuple
 
-import numpy as np
 import SimpleITK as sitk
-from scipy import ndimage
 
 from .common import ENGINE  # noqa: F401  (puts the engine on sys.path)
 
@@ -28,10 +26,10 @@ def lesion_group(lesion: Mapping[str, Any]) -> str:
 
 def lesions_found(lesions: Sequence[Mapping[str, Any]], truth: sitk.Image, labels: sitk.Image) -> List[bool]:
     """For each recorded lesion, whether ``labels`` (on any grid) finds it; scored on the truth's grid."""
-    from FCMSegmentationLib.metrics import on_grid_of
+    from FCMSegmentationLib.metrics import lesion_components, on_grid_of
 
     predicted = sitk.GetArrayFromImage(on_grid_of(labels, truth)) == LESION
-    components, _ = ndimage.label(sitk.GetArrayFromImage(truth) == LESION, structure=np.ones((3, 3, 3), bool))
+    components, _ = lesion_components(sitk.GetArrayFromImage(truth), LESION)
     found = []
     for lesion in lesions:
         x, y, z = truth.TransformPhysicalPointToIndex(lesion["centre_mm"])

@@ -168,7 +168,7 @@ def summarise(cases: List[Dict[str, Any]]) -> Dict[str, Any]:
     return summary
 
 
-def lesion_detection(cases: List[Dict[str, Any]]) -> Dict[str, Dict[str, float]]:
+def pooled_lesion_detection(cases: List[Dict[str, Any]]) -> Dict[str, Dict[str, float]]:
     """Lesion-by-lesion counts of every method, pooled over all cases."""
     from FCMSegmentationLib.metrics import pool_lesion_detection
 
@@ -403,7 +403,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     data = {
         "benchmark": SECTION, "machine": machine_line(), "command": command_line(), "model": model_description,
         "quick": args.quick, "total_seconds": time.perf_counter() - started,
-        "summary": summary, "targets": targets(summary), "lesion_detection": lesion_detection(cases),
+        "summary": summary, "targets": targets(summary), "lesion_detection": pooled_lesion_detection(cases),
         "lesions_found_by_group": lesions_found_by_group(cases), "cases": cases,
     }
     json_path = write_json(results_dir / "bench_accuracy.json", data)

@@ -338,3 +338,34 @@ def test_adapt_keeps_the_stroke_local_offsets(tiny_case, session):
     assert torch.equal(session._state.offsets, offsets)
     session.reset()
     assert session._state.offsets is None
+
+
+def test_refine_rounds_are_anchored_to_where_the_series_started(tiny_case, untrained):
+    """Repeating a round with the same strokes must not walk the unpainted voxels ever further away."""
+    spect, ct, truth = tiny_case
+    strokes = strokes_from_truth(truth, classes=(1,))
+    unpainted = sitk.GetArrayFromImage(strokes) == 0
+    session = RefinementSession(spect, ct, untrained, "cpu", RefineSettings(steps=25, crop=24, learning_rate=0.01,
+                                                                             anchor=5.0))
+    start = sitk.GetArrayFromImage(session.segment().memberships)
+    change = []
+    for _ in range(4):
+        after = sitk.GetArrayFromImage(session.refine(strokes).memberships)
+        change.append(float(np.abs(after - start)[unpainted].mean()))
+    assert change[-1] < 1.3 * change[0], change
+
+
+def test_adapt_and_reset_start_a_new_anchor_series(tiny_case, session):
+    _, _, truth = tiny_case
+    strokes = strokes_from_truth(truth)
+    session.refine(strokes)
+    series_start = session._state.anchor
+    session.refine(strokes)
+    assert session._state.anchor is series_start          # the second round keeps the first one's reference
+    session.adapt()
+    assert session._state.anchor is None                  # the next refine is anchored to the adapted result
+    adapted = session._state_memberships()
+    session.refine(strokes)
+    assert torch.equal(session._state.anchor, adapted)
+    session.reset()
+    assert session._state.anchor is None

@@ -182,6 +182,26 @@ def test_compare_models_reports_paired_differences_against_the_first_model(tmp_p
     assert difference["mean"] < 0  # random weights lose to the shipped model
 
 
+def test_compare_models_measures_the_lesion_filter_against_keeping_every_lesion(tmp_path):
+    import json
+
+    import compare_models
+    from FCMSegmentationLib.modelfile import default_model_path
+
+    model = str(default_model_path())
+    with pytest.raises(SystemExit):
+        compare_models.main([model, model, "--lesion-filter-ablation"])
+    report = tmp_path / "selection.md"
+    assert compare_models.main([model, "--lesion-filter-ablation", "--procedural", "1", "--ct-derived", "0",
+                                "--report", str(report), "--section", "lesion_filter"]) == 0
+    kept = f"{model}, lesions outside bone kept"
+    assert f"`{model}` minus `{kept}`" in report.read_text()
+    results = json.loads((tmp_path / "results" / "lesion_filter.json").read_text())
+    filtered, unfiltered = (results["scores"][name][0] for name in (model, kept))
+    assert filtered["seed"] == unfiltered["seed"]
+    assert filtered["bone"] >= unfiltered["bone"] - 0.01  # the filter only ever removes lesion voxels
+
+
 def test_recorded_lesions_are_found_by_their_component_and_grouped_by_size_and_coldness(tiny_case, truth_array):
     from benchlib.lesions import lesion_group, lesions_found, sensitivity_by_group
 

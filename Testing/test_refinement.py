@@ -369,3 +369,31 @@ def test_adapt_and_reset_start_a_new_anchor_series(tiny_case, session):
     assert torch.equal(session._state.anchor, adapted)
     session.reset()
     assert session._state.anchor is None
+
+
+def test_segment_leaves_out_lesions_outside_bone_unless_painted_there(tiny_case, untrained, monkeypatch):
+    from scipy import ndimage
+
+    from FCMSegmentationLib.lesion_filter import near_ct_bone
+
+    spect, ct, truth = tiny_case
+    session = RefinementSession(spect, ct, untrained, "cpu", FAST)
+    soft_tissue = session.case.valid & ~near_ct_bone(session.case, margin_mm=9.0) & (session.case.features[1] > 0.45)
+    corner = np.argwhere(ndimage.binary_erosion(soft_tissue, np.ones((3, 3, 3), bool)))[0]
+    memberships = np.zeros((3,) + session.case.valid.shape, np.float32)
+    memberships[0] = 1.0
+    memberships[:, corner[0] - 1:corner[0] + 2, corner[1] - 1:corner[1] + 2, corner[2] - 1:corner[2] + 2] = \
+        np.array([0.2, 0.1, 0.7])[:, None, None, None]
+    monkeypatch.setattr(session, "memberships_working", lambda: memberships)
+    assert not (sitk.GetArrayFromImage(session.segment().labels) == 2).any()
+
+    strokes = np.zeros(sitk.GetArrayFromImage(ct).shape, np.uint8)
+    centre = session.case.grid.TransformIndexToPhysicalPoint([int(v) for v in corner[::-1]])
+    strokes[tuple(ct.TransformPhysicalPointToIndex(centre)[::-1])] = 3
+    stroke_image = sitk.GetImageFromArray(strokes)
+    stroke_image.CopyInformation(ct)
+    session.refine(stroke_image)
+    assert (sitk.GetArrayFromImage(session.segment().labels) == 2).sum() > 1  # the whole blob, not just the stroke
+    session.keep_lesions_outside_bone = True
+    session.undo()
+    assert (sitk.GetArrayFromImage(session.segment().labels) == 2).any()

@@ -11,6 +11,7 @@ results/<section>.json beside it.
 
     python scripts/compare_models.py out/fcmseg_stage3.pt out/fcmseg_stage4.pt --threads 2
     python scripts/compare_models.py A.pt B.pt --procedural 2 --ct-derived 1 --report out/cmp.md  # quick look
+    python scripts/compare_models.py MODEL.pt --lesion-filter-ablation --section lesion_filter  # filter's effect
 """
 import argparse
 import sys
@@ -74,6 +75,8 @@ def format_report(names: Sequence[str], summaries: Mapping[str, Dict[str, Any]],
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("models", nargs="+", help="model files; the first is the reference")
+    parser.add_argument("--lesion-filter-ablation", action="store_true",
+                        help="score one model with lesions outside bone kept (the reference) and as shipped")
     parser.add_argument("--procedural", type=int, default=16, help="procedural validation phantoms")
     parser.add_argument("--ct-derived", type=int, default=8, help="CT-derived validation phantoms (real CT)")
     parser.add_argument("--spect-only", action="store_true", help="also score each model without the CT")
@@ -82,7 +85,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--section", default=SECTION,
                         help="name of the report's section to (re)write, so that one page can keep several comparisons")
     args = parser.parse_args(argv)
-    if len(args.models) < 2:
+    if args.lesion_filter_ablation and len(args.models) != 1:
+        parser.error("--lesion-filter-ablation scores one model two ways: give exactly one")
+    if len(args.models) < 2 and not args.lesion_filter_ablation:
         parser.error("give at least two models to compare")
 
     import torch
@@ -101,12 +106,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     inputs = ("spect_ct", "spect_only") if args.spect_only else ("spect_ct",)
     with progress_bar("validation phantoms") as progress:
         scores = score_models(models, plan, real_ct, real_labels, device="auto", inputs=inputs, progress=progress)
+    names = list(args.models)
+    if args.lesion_filter_ablation:
+        unfiltered = f"{names[0]}, lesions outside bone kept"
+        with progress_bar("validation phantoms, lesions outside bone kept") as progress:
+            scores[unfiltered] = score_models(models, plan, real_ct, real_labels, device="auto", inputs=inputs,
+                                              progress=progress, keep_lesions_outside_bone=True)[names[0]]
+        names.insert(0, unfiltered)  # the reference: the differences are then what the filter does
     summaries = {name: summarise(case_scores) for name, case_scores in scores.items()}
-    differences = compare(scores, reference=args.models[0])
+    differences = compare(scores, reference=names[0])
     header = [f"Command: `{command_line()}`", "", f"Machine: {machine_line()}", "",
               f"Phantoms: {args.procedural} procedural and {args.ct_derived} CT-derived validation phantoms "
-              f"(seeds {summaries[args.models[0]]['seeds'][0]}…{summaries[args.models[0]]['seeds'][-1]})."]
-    body = format_report(args.models, summaries, differences, header)
+              f"(seeds {summaries[names[0]]['seeds'][0]}…{summaries[names[0]]['seeds'][-1]})."]
+    body = format_report(names, summaries, differences, header)
     write_section(args.report, args.section, body, title=TITLE)
     write_json(args.report.parent / "results" / f"{args.section}.json",
                {"scores": {name: [asdict(score) for score in case_scores] for name, case_scores in scores.items()},

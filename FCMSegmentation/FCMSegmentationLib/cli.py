@@ -59,7 +59,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
     else:
         model = load_model(args.model, device)
     with progress_bar("segment") as progress:
-        result = segment(spect, ct, model, device=args.device, patch=args.patch, progress=progress)
+        result = segment(spect, ct, model, device=args.device, patch=args.patch, progress=progress,
+                         keep_lesions_outside_bone=args.keep_lesions_outside_bone)
     write_image(result.labels, output)
     if memberships_path is not None:
         write_image(result.memberships, memberships_path)
@@ -127,7 +128,8 @@ def cmd_refine(args: argparse.Namespace) -> int:
     spect, ct, model = _load_for_session(args)
     settings = RefineSettings(mode=args.mode)
     with progress_bar("features") as progress:
-        session = RefinementSession(spect, ct, model, args.device, settings, progress=progress)
+        session = RefinementSession(spect, ct, model, args.device, settings, progress=progress,
+                                    keep_lesions_outside_bone=args.keep_lesions_outside_bone)
     with progress_bar("refine") as progress:
         result = session.refine(scribbles, steps=args.steps, alpha=args.alpha, progress=progress)
     return _finish_session(args, session, result, output, save_path)
@@ -140,7 +142,8 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     spect, ct, model = _load_for_session(args)
     settings = RefineSettings(mode=args.mode)
     with progress_bar("features") as progress:
-        session = RefinementSession(spect, ct, model, args.device, settings, progress=progress)
+        session = RefinementSession(spect, ct, model, args.device, settings, progress=progress,
+                                    keep_lesions_outside_bone=args.keep_lesions_outside_bone)
     with progress_bar("adapt") as progress:
         result = session.adapt(steps=args.steps, progress=progress)
     return _finish_session(args, session, result, output, save_path)
@@ -181,6 +184,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_lesion_filter_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--keep-lesions-outside-bone", action="store_true",
+                        help="keep predicted lesions that the CT shows are not in bone (by default they are left out)")
+
+
 def _add_session_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--spect", required=True, help="SPECT image file or DICOM directory")
     parser.add_argument("--ct", help="CT image file or DICOM directory (optional)")
@@ -192,6 +200,7 @@ def _add_session_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--memberships", help="also write the soft memberships")
     parser.add_argument("--mode", choices=("head", "full"), default="head",
                         help="fine-tune the head on cached features (fast, default) or the whole network")
+    _add_lesion_filter_argument(parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -206,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--device", default="auto", help="auto | cpu | cuda | mps (default auto)")
     seg.add_argument("--memberships", help="also write the soft memberships (one component per class)")
     seg.add_argument("--patch", type=int, default=96, help="sliding-window patch size in voxels")
+    _add_lesion_filter_argument(seg)
     seg.add_argument("--random-weights", action="store_true",
                      help="use an untrained network (smoke tests only; output meaningless)")
     seg.set_defaults(handler=cmd_segment)

@@ -30,12 +30,13 @@ import torch
 
 from .errors import FCMError, InputError
 from .inference import DEFAULT_PATCH, describe_device, resolve_device, sliding_window
+from .lesion_filter import drop_lesions_outside_bone
 from .losses import fcm_label_loss, rfcm_loss
 from .modelfile import LoadedModel, PathLike, load_model, save_model
 from .networks import UNet, pointwise_head_logits
-from .preprocessing import WorkingCase, prepare_case
+from .preprocessing import WorkingCase, array_to_image, prepare_case
 from .progress import CancelToken, ProgressCallback, check_cancel, report, scaled
-from .scribbles import UNLABELLED, require_strokes, scribbles_to_labels, scribbles_to_output, stroke_counts
+from .scribbles import LESION_CODE, UNLABELLED, require_strokes, scribbles_to_labels, scribbles_to_output, stroke_counts
 from .segmentation import SegmentationResult, mask_outside_field_of_view, result_from_working
 
 MAX_LABELLED_PER_STEP = 20000
@@ -160,8 +161,10 @@ class RefinementSession:
         patch: int = DEFAULT_PATCH,
         progress: Optional[ProgressCallback] = None,
         cancel: Optional[CancelToken] = None,
+        keep_lesions_outside_bone: bool = False,
     ):
         self.device = resolve_device(device)
+        self.keep_lesions_outside_bone = keep_lesions_outside_bone
         self.settings = settings or RefineSettings()
         loaded = model if isinstance(model, LoadedModel) else load_model(model, self.device)
         # A private copy: fine-tuning must never leak into the caller's model (or the next session's).
@@ -189,8 +192,12 @@ class RefinementSession:
         return describe_device(self.device)
 
     def segment(self) -> SegmentationResult:
-        """The current model's segmentation of the session's image."""
-        return result_from_working(self.memberships_working(), self.case, self.device_description, [],
+        """The current model's segmentation of the session's image; with a CT, predicted lesions not in
+        bone are left out (as in :func:`segment`) unless painted as lesion or ``keep_lesions_outside_bone``."""
+        memberships, notes = self.memberships_working(), []
+        if not self.keep_lesions_outside_bone:
+            memberships, notes = drop_lesions_outside_bone(memberships, self.case, keep=self._painted_lesion())
+        return result_from_working(memberships, self.case, self.device_description, notes,
                                    painted=self._state.painted)
 
     def refine(
@@ -250,6 +257,13 @@ class RefinementSession:
         return save_model(path, self.model.network, card)
 
     # ----- internals ----------------------------------------------------------------------------
+    def _painted_lesion(self) -> Optional[np.ndarray]:
+        """Bool (Z, Y, X): working voxels painted as lesion so far, or None."""
+        painted = self._state.painted
+        if painted is None or not (painted == LESION_CODE).any():
+            return None
+        return scribbles_to_labels(array_to_image(painted, self.case.output_reference), self.case) == LESION_CODE - 1
+
     def _call_settings(self, **overrides: Any) -> RefineSettings:
         """The session's settings with this call's non-None overrides (validated)."""
         return replace(self.settings, **{k: v for k, v in overrides.items() if v is not None})

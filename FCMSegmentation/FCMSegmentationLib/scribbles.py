@@ -19,6 +19,7 @@ from .preprocessing import CLASS_NAMES, WorkingCase, as_volume, resample_to
 
 UNLABELLED = -1
 STROKE_NAMES = {1: "background", 2: "bone", 3: "lesion"}
+LESION_CODE = 3
 
 
 def index_to_physical_matrix(image: sitk.Image) -> np.ndarray:

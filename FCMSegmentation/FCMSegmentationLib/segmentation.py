@@ -8,6 +8,7 @@ import torch
 
 from .errors import InputError
 from .inference import DEFAULT_PATCH, describe_device, estimate_run, resolve_device, run_with_fallback, sliding_window
+from .lesion_filter import drop_lesions_outside_bone
 from .modelfile import LoadedModel, PathLike, load_model
 from .preprocessing import (
     NUM_CLASSES,
@@ -88,10 +89,12 @@ def segment(
     patch: int = DEFAULT_PATCH,
     progress: Optional[ProgressCallback] = None,
     cancel: Optional[CancelToken] = None,
+    keep_lesions_outside_bone: bool = False,
 ) -> SegmentationResult:
     """Segment bone and lesions in ``spect`` (and ``ct`` if given) with ``model`` (default: shipped one).
 
-    Output is on the CT's grid when a CT is given, else on the SPECT's.
+    Output is on the CT's grid when a CT is given, else on the SPECT's. With a CT, predicted lesions that
+    are not in bone on the CT are left out (see :mod:`lesion_filter`) unless ``keep_lesions_outside_bone``.
     """
     torch_device = resolve_device(device)
     loaded = model if isinstance(model, LoadedModel) else load_model(model, torch_device)
@@ -106,6 +109,9 @@ def segment(
     notes: List[str] = [estimate.message(torch_device)]
     report(progress, 0.05, notes[0])
     memberships = predict_working(loaded, case, torch_device, patch, scaled(progress, 0.05, 0.9), cancel, notes)
+    if not keep_lesions_outside_bone:
+        memberships, dropped = drop_lesions_outside_bone(memberships, case)
+        notes += dropped
     report(progress, 0.92, "resampling onto the output grid")
     result = result_from_working(memberships, case, describe_device(torch_device), notes)
     report(progress, 1.0, "done")

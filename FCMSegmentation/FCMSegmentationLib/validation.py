@@ -57,11 +57,13 @@ def score_models(
     inputs: Sequence[str] = INPUTS,
     ranges: Optional["SimulationRanges"] = None,
     progress: Optional[ProgressCallback] = None,
+    keep_lesions_outside_bone: bool = False,
 ) -> Dict[str, List[CaseScore]]:
     """Per-case Dice of every model in ``models`` on the phantoms of ``plan``, each phantom made once.
 
     ct, bone_labels: the real CT and its labels that CT-derived phantoms are built on (needed only if
-    ``plan`` has any). ranges: simulation ranges (default: the training ranges).
+    ``plan`` has any). ranges: simulation ranges (default: the training ranges). keep_lesions_outside_bone:
+    as in :func:`segmentation.segment` (to measure what the lesion filter does).
     """
     from .metrics import evaluate_images
     from .phantoms import TRAINING_RANGES, generate_phantom
@@ -79,7 +81,8 @@ def score_models(
                    else generate_phantom(seed, kind="procedural", ranges=ranges))
         for name, model in models.items():
             for used in inputs:
-                result = segment(phantom.spect, phantom.ct if used == "spect_ct" else None, model, device=device)
+                result = segment(phantom.spect, phantom.ct if used == "spect_ct" else None, model, device=device,
+                                 keep_lesions_outside_bone=keep_lesions_outside_bone)
                 dice = evaluate_images(result.labels, phantom.truth)
                 scores[name].append(CaseScore(kind, seed, used, dice["bone"], dice["lesion"]))
         report(progress, number / len(plan), f"validation phantom {number}/{len(plan)} ({kind}, seed {seed})")

@@ -136,7 +136,8 @@ def run_case(entry: Dict[str, Any], model, real_ct, real_labels, seeds_per_class
     labels, seconds = timed(lambda: classical.growcut_segment(spect, ct, truth, seeds))
     record(GROWCUT, labels, seconds, {"strokes": len(strokes),
                                       "stroke_codes": {str(c): int((seeds == c).sum()) for c in (1, 2, 3)}})
-    labels, seconds = timed(lambda: truth_through_working_grid(spect, ct, truth, model.spacing_mm))
+    labels, seconds = timed(lambda: truth_through_working_grid(spect, ct, truth, model.spacing_mm,
+                                                               model.segments_beyond_spect))
     record(GRID_BOUND, labels, seconds)
     if overlay_path is not None:
         from FCMSegmentationLib.overlay import write_overlay
@@ -349,9 +350,10 @@ def report(docs: Path, data: Dict[str, Any], figure: Path, overlay: Optional[Pat
         "bone leak through all soft tissue). GrowCut gets these strokes; the model gets none. With a few "
         "strokes GrowCut cannot find bones that got no seed, and a lesion seed spreads along its bone.",
         f"- **{GRID_BOUND}**: not a method but the ceiling of the model's design: the truth's one-hot classes "
-        "resampled linearly onto the model's working grid (`prepare_case`, voxels outside the SPECT field set "
-        "to background) and back onto the CT grid exactly as the model's memberships are, then argmax. No "
-        "model on that grid can do better; thin cortex, ribs and small lesions are what it loses.",
+        "resampled linearly onto the model's working grid (`prepare_case`) and back onto the CT grid exactly "
+        "as the model's memberships are, then argmax; outside the SPECT field no lesion, and, for a model "
+        "that does not segment beyond the SPECT, only background. No model on that grid can do better; thin "
+        "cortex, ribs and small lesions are what it loses.",
         "",
         f"![Dice per class and method]({relative_to_docs(figure, docs)})",
     ]

@@ -170,6 +170,7 @@ def train_config_from_args(args: argparse.Namespace):
         steps=args.steps, batch=args.batch, crop=args.crop, learning_rate=args.lr, alpha=args.alpha,
         beta=args.beta, unsupervised=args.unsupervised, class_balance=args.class_balance, device=args.device, threads=args.threads,
         checkpoint_every=args.checkpoint_every, channels=tuple(args.channels), init=args.init,
+        spect_truncation=args.spect_truncation,
         **({"spacing_mm": args.spacing} if args.spacing is not None else {}),
     )
 
@@ -270,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     tr.add_argument("--init", help="start from this model file's weights (continued training; same --channels)")
     tr.add_argument("--checkpoint-every", type=int, default=250)
+    tr.add_argument("--spect-truncation", type=float, default=0.0,
+                    help="probability that a crop's SPECT ends at a random axial plane; above 0 the model also "
+                         "learns bone beyond the SPECT field, from the CT alone, and segments it (default 0)")
     tr.set_defaults(handler=cmd_train)
     return parser
 

@@ -14,9 +14,8 @@ import numpy as np
 from scipy import ndimage
 
 from .metrics import lesion_components
-from .preprocessing import CT_WINDOW, WorkingCase
+from .preprocessing import BACKGROUND, CT_WINDOW, LESION, WorkingCase
 
-BACKGROUND, LESION = 0, 2
 BONE_HU = 150.0
 MARGIN_MM = 3.0
 MIN_FRACTION = 0.2

@@ -41,6 +41,11 @@ class LoadedModel:
     def spacing_mm(self) -> float:
         return float(self.card["normalisation"]["spacing_mm"])
 
+    @property
+    def segments_beyond_spect(self) -> bool:
+        """Whether the model was trained to segment bone where only the CT sees it (older models were not)."""
+        return bool(self.card.get("segments_beyond_spect", False))
+
 
 def normalisation_card(spacing_mm: float = DEFAULT_SPACING_MM) -> Dict[str, Any]:
     """The preprocessing conventions a model was trained with (see :mod:`preprocessing`)."""

@@ -25,6 +25,7 @@ from .errors import InputError
 
 NUM_CLASSES = 3
 CLASS_NAMES = ("background", "bone", "lesion")
+BACKGROUND, BONE, LESION = range(len(CLASS_NAMES))
 CHANNELS = ("spect", "ct", "ct_present")
 DEFAULT_SPACING_MM = 3.0
 SPECT_PERCENTILE = 99.5
@@ -39,6 +40,8 @@ class WorkingCase:
 
     features: float32 (C=3, Z, Y, X) network input, channels as in :data:`CHANNELS`.
     valid: bool (Z, Y, X), True inside the SPECT field of view (the voxels the losses use).
+    beyond_spect: the grid covers the whole CT, not just its overlap with the SPECT; outside the SPECT
+    field the SPECT channel is 0 and the model segments bone from the CT alone (models trained for it).
     grid: an image carrying the working grid's geometry (pixel values unused).
     output_reference: an image carrying the output grid's geometry.
     spect_scale: the count value that maps to 1.0 in the SPECT channel.
@@ -52,6 +55,12 @@ class WorkingCase:
     spect_scale: float
     has_ct: bool
     notes: List[str] = field(default_factory=list)
+    beyond_spect: bool = False
+
+    @property
+    def segmented(self) -> np.ndarray:
+        """Bool (Z, Y, X): the voxels that get a prediction (the SPECT field, or all when beyond_spect)."""
+        return np.ones_like(self.valid) if self.beyond_spect else self.valid
 
 
 def as_volume(image: sitk.Image, role: str, notes: Optional[List[str]] = None) -> sitk.Image:
@@ -167,9 +176,14 @@ def normalise_ct(hu: np.ndarray) -> np.ndarray:
 
 
 def prepare_case(
-    spect: sitk.Image, ct: Optional[sitk.Image] = None, spacing_mm: float = DEFAULT_SPACING_MM
+    spect: sitk.Image, ct: Optional[sitk.Image] = None, spacing_mm: float = DEFAULT_SPACING_MM,
+    beyond_spect: bool = False,
 ) -> WorkingCase:
-    """Validate, align and normalise a SPECT (and optional CT) into a :class:`WorkingCase`."""
+    """Validate, align and normalise a SPECT (and optional CT) into a :class:`WorkingCase`.
+
+    The working grid covers the SPECT's overlap with the CT, or the whole CT when ``beyond_spect`` (for
+    models trained to segment bone where only the CT sees it).
+    """
     notes: List[str] = []
     spect = as_volume(spect, "SPECT", notes)
     if float(np.min(sitk.GetArrayViewFromImage(spect))) < 0:
@@ -178,11 +192,14 @@ def prepare_case(
     reference = as_volume(ct, "CT", notes) if ct is not None else spect
     lo, hi = overlap_region(reference, spect)
     full = np.array(reference.GetSize(), dtype=float)
+    beyond_spect = beyond_spect and ct is not None
     if ct is not None and (np.any(lo > -0.5 + 1e-3) or np.any(hi < full - 0.5 - 1e-3)):
         covered = float(np.prod((hi - lo) / full))
-        notes.append(
-            f"SPECT covers only {covered:.0%} of the CT: segmenting the overlap, the rest is background"
-        )
+        notes.append(f"SPECT covers only {covered:.0%} of the CT: bone beyond it is segmented from the CT alone, "
+                     "lesions only inside the SPECT" if beyond_spect else
+                     f"SPECT covers only {covered:.0%} of the CT: segmenting the overlap, the rest is background")
+    if beyond_spect:
+        lo, hi = np.full(3, -0.5), full - 0.5
     grid = working_grid(reference, lo, hi, spacing_mm)
     inside = sitk.Image(spect.GetSize(), sitk.sitkUInt8) + 1
     inside.CopyInformation(spect)
@@ -195,7 +212,7 @@ def prepare_case(
         ct_norm = np.zeros_like(spect_norm)
         present = np.zeros_like(spect_norm)
     features = np.stack([spect_norm * valid, ct_norm, present]).astype(np.float32)
-    return WorkingCase(features, valid, grid, _geometry_of(reference), scale, ct is not None, notes)
+    return WorkingCase(features, valid, grid, _geometry_of(reference), scale, ct is not None, notes, beyond_spect)
 
 
 def _geometry_of(image: sitk.Image) -> sitk.Image:

@@ -171,8 +171,10 @@ class RefinementSession:
         self.model = LoadedModel(copy.deepcopy(loaded.network).to(self.device).eval(), copy.deepcopy(loaded.card))
         self.patch = patch
         report(progress, 0.0, "preparing images")
-        self.case: WorkingCase = prepare_case(spect, ct, self.model.spacing_mm)
+        self.case: WorkingCase = prepare_case(spect, ct, self.model.spacing_mm, self.model.segments_beyond_spect)
         self._intensities, self._mask = self._rfcm_inputs()
+        # the anchor holds every voxel that gets a prediction, beyond the SPECT field too
+        self._anchored = torch.from_numpy(self.case.segmented[None, None]).to(self.device)
         self._valid_voxels = np.argwhere(self.case.valid)  # crop centres: RFCM needs voxels in the FOV
         features = self._compute_features(self.model.network, scaled(progress, 0.05, 1.0), cancel)
         torch.optim.Adam(self.model.network.head.parameters())  # first use imports torch._dynamo (~2 s): pay it here
@@ -330,7 +332,7 @@ class RefinementSession:
 
     def memberships_working(self) -> np.ndarray:
         """Current memberships (K, Z, Y, X) on the working grid, computed from the cached features."""
-        return mask_outside_field_of_view(self._state_memberships()[0].cpu().numpy(), self.case.valid)
+        return mask_outside_field_of_view(self._state_memberships()[0].cpu().numpy(), self.case)
 
     def _commit(self, state: _State, push: bool) -> None:
         if push:
@@ -408,7 +410,7 @@ class RefinementSession:
         if settings.anchor > 0:
             before = reference[crop]
             # painted voxels are free to change: the strokes say they were wrong
-            mask = (self._mask[crop] & torch.from_numpy(labels[region] == UNLABELLED)[None, None].to(self.device))
+            mask = (self._anchored[crop] & torch.from_numpy(labels[region] == UNLABELLED)[None, None].to(self.device))
             mask = mask.to(memberships.dtype)
             change = ((memberships - before) ** 2).sum(dim=1, keepdim=True)
             loss = loss + settings.anchor * (change * mask).sum() / mask.sum().clamp_min(1.0)

@@ -52,7 +52,7 @@ def scribbles_to_labels(scribbles: sitk.Image, case: WorkingCase) -> np.ndarray:
         inside = np.all((target >= 0) & (target < size_xyz), axis=1)
         x, y, z = target[inside].T
         labels[z, y, x] = code - 1
-    labels[~case.valid] = UNLABELLED
+    labels[~case.segmented] = UNLABELLED
     painted = int((codes > 0).sum())
     if painted and not (labels != UNLABELLED).any():
         raise InputError(

@@ -11,6 +11,8 @@ from .inference import DEFAULT_PATCH, describe_device, estimate_run, resolve_dev
 from .lesion_filter import drop_lesions_outside_bone
 from .modelfile import LoadedModel, PathLike, load_model
 from .preprocessing import (
+    BACKGROUND,
+    LESION,
     NUM_CLASSES,
     WorkingCase,
     array_to_image,
@@ -34,11 +36,20 @@ class SegmentationResult:
     notes: List[str] = field(default_factory=list)
 
 
-def mask_outside_field_of_view(memberships: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """Memberships with voxels outside the SPECT field of view set to pure background."""
+def mask_outside_field_of_view(memberships: np.ndarray, case: WorkingCase) -> np.ndarray:
+    """Memberships (K, Z, Y, X) with no lesion outside the SPECT field of view (a lesion is seen by its
+    uptake): there, pure background, or, when the case segments beyond the SPECT, bone and background
+    renormalised (what the CT shows)."""
     out = memberships.copy()
-    out[:, ~valid] = 0.0
-    out[0, ~valid] = 1.0
+    outside = ~case.valid
+    if case.beyond_spect:
+        out[LESION][outside] = 0.0
+        total = out[:, outside].sum(axis=0)
+        out[:, outside] /= np.maximum(total, 1e-8)
+        out[BACKGROUND][outside] += total <= 1e-8
+    else:
+        out[:, outside] = 0.0
+        out[BACKGROUND][outside] = 1.0
     return out
 
 
@@ -59,7 +70,7 @@ def predict_working(
 
     memberships, used = run_with_fallback(run, device, patch, notify=(notes.append if notes is not None else None))
     model.network.to(used)
-    return mask_outside_field_of_view(memberships, case.valid)
+    return mask_outside_field_of_view(memberships, case)
 
 
 def result_from_working(memberships: np.ndarray, case: WorkingCase, device: str, notes: List[str],
@@ -102,7 +113,7 @@ def segment(
     if patch < multiple:
         raise InputError(f"patch size {patch} is too small; use at least {multiple} voxels (default {DEFAULT_PATCH})")
     report(progress, 0.0, "preparing images")
-    case = prepare_case(spect, ct, loaded.spacing_mm)
+    case = prepare_case(spect, ct, loaded.spacing_mm, loaded.segments_beyond_spect)
     # Upfront: how many patches, how long, how much memory (patching bounds the network's memory).
     estimate = estimate_run(case.features.shape[1:], patch, torch_device, loaded.network.config,
                             multiple=multiple, in_channels=case.features.shape[0], out_channels=NUM_CLASSES)

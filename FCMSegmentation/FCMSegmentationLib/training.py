@@ -31,7 +31,7 @@ from .errors import InputError
 from .losses import fcm_label_loss, rfcm_loss
 from .modelfile import LoadedModel, load_model, new_card, save_model
 from .networks import UNet, count_parameters
-from .preprocessing import DEFAULT_SPACING_MM, prepare_case, resample_to
+from .preprocessing import DEFAULT_SPACING_MM, LESION, prepare_case, resample_to
 from .progress import ProgressCallback, report
 from .validation import score_models, summarise, validation_plan
 
@@ -60,6 +60,7 @@ class TrainConfig:
     unsupervised: bool = False
     class_balance: float = 0.5
     ct_dropout: float = 0.3
+    spect_truncation: float = 0.0  # > 0: learn bone beyond the SPECT field (see prepare_training_case)
     lesion_crop_fraction: float = 0.5
     channels: Tuple[int, ...] = (16, 32, 64, 128)
     norm: str = "batch"
@@ -78,6 +79,12 @@ class TrainConfig:
             raise InputError("crop must be a multiple of 8")
         if not self.spacing_mm > 0:
             raise InputError(f"spacing must be a positive number of mm, got {self.spacing_mm}")
+        if not 0.0 <= self.spect_truncation <= 1.0:
+            raise InputError(f"spect truncation is a probability in [0, 1], got {self.spect_truncation}")
+
+    @property
+    def beyond_spect(self) -> bool:
+        return self.spect_truncation > 0
 
 
 @dataclass
@@ -92,12 +99,16 @@ class TrainingCase:
 
 
 def prepare_training_case(spect: sitk.Image, ct: sitk.Image, truth: sitk.Image,
-                          spacing_mm: float = DEFAULT_SPACING_MM) -> TrainingCase:
-    """A phantom's images brought onto the working grid as at inference, truth by nearest neighbour."""
-    case = prepare_case(spect, ct, spacing_mm)
+                          spacing_mm: float = DEFAULT_SPACING_MM, beyond_spect: bool = False) -> TrainingCase:
+    """A phantom's images brought onto the working grid as at inference, truth by nearest neighbour.
+
+    beyond_spect: the grid covers the whole CT; outside the SPECT field bone and background keep their
+    labels (learnt from the CT alone) and lesions are ignored (without uptake they cannot be seen).
+    """
+    case = prepare_case(spect, ct, spacing_mm, beyond_spect)
     labels = resample_to(sitk.Cast(truth, sitk.sitkUInt8), case.grid, linear=False).astype(np.int64)
-    labels[~case.valid] = IGNORE
-    return TrainingCase(case.features, case.valid, labels, np.argwhere(labels == 2), np.argwhere(case.valid))
+    labels[~case.segmented | (~case.valid & (labels == LESION))] = IGNORE
+    return TrainingCase(case.features, case.valid, labels, np.argwhere(labels == LESION), np.argwhere(case.valid))
 
 
 # ----- distributed context ------------------------------------------------------------------------
@@ -160,14 +171,19 @@ def build_cases(plan: Sequence[Tuple[str, int]], config: TrainConfig, real_ct: R
     for number, (kind, seed) in enumerate(plan, start=1):
         phantom = (generate_phantom(seed, kind="ct", ct=ct, bone_labels=bone) if kind == "ct"
                    else generate_phantom(seed, kind=kind))
-        cases.append(prepare_training_case(phantom.spect, phantom.ct, phantom.truth, config.spacing_mm))
+        cases.append(prepare_training_case(phantom.spect, phantom.ct, phantom.truth, config.spacing_mm,
+                                           config.beyond_spect))
         report(progress, number / len(plan), f"phantom {number}/{len(plan)} ({kind}, seed {seed})")
     return cases
 
 
 def random_crop(case: TrainingCase, crop: int, rng: np.random.Generator, lesion_fraction: float,
-                ct_dropout: float) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A (features, valid, labels) crop of side ``crop``, zero/ignore-padded, with augmentation."""
+                ct_dropout: float, spect_truncation: float = 0.0) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A (features, valid, labels) crop of side ``crop``, zero/ignore-padded, with augmentation.
+
+    spect_truncation: probability that the SPECT ends at a random axial plane of the crop, as where a
+    SPECT field is shorter than the CT: beyond it the SPECT is 0 and lesions are ignored.
+    """
     shape = np.array(case.valid.shape)
     if len(case.lesion_voxels) and rng.random() < lesion_fraction:
         centre = case.lesion_voxels[rng.integers(len(case.lesion_voxels))] + rng.integers(-crop // 4, crop // 4 + 1, 3)
@@ -182,8 +198,15 @@ def random_crop(case: TrainingCase, crop: int, rng: np.random.Generator, lesion_
     features[(slice(None),) + tuple(dst)] = case.features[(slice(None),) + tuple(src)]
     valid[tuple(dst)] = case.valid[tuple(src)]
     labels[tuple(dst)] = case.labels[tuple(src)]
+    if rng.random() < spect_truncation:
+        cut = int(rng.integers(crop // 4, 3 * crop // 4 + 1))
+        beyond = slice(cut, None) if rng.random() < 0.5 else slice(0, cut)
+        features[0, beyond] = 0.0
+        valid[beyond] = False
+        labels[beyond][labels[beyond] == LESION] = IGNORE
     if rng.random() < ct_dropout:
         features[1:] = 0.0
+        labels[~valid] = IGNORE  # with neither SPECT nor CT there is nothing to learn from
     if rng.random() < 0.5:  # left-right mirror: anatomy is roughly symmetric
         features, valid, labels = features[..., ::-1], valid[..., ::-1], labels[..., ::-1]
     gain = float(np.exp(rng.normal(0.0, 0.1)))  # residual SPECT scale jitter after normalisation
@@ -195,7 +218,7 @@ def random_crop(case: TrainingCase, crop: int, rng: np.random.Generator, lesion_
 def make_batch(cases: Sequence[TrainingCase], config: TrainConfig, rng: np.random.Generator,
                device: torch.device) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     crops = [random_crop(cases[rng.integers(len(cases))], config.crop, rng, config.lesion_crop_fraction,
-                         config.ct_dropout) for _ in range(config.batch)]
+                         config.ct_dropout, config.spect_truncation) for _ in range(config.batch)]
     features, valid, labels = (torch.from_numpy(np.stack(parts)).to(device) for parts in zip(*crops))
     return features, valid[:, None], labels
 
@@ -325,7 +348,8 @@ def train(config: TrainConfig, progress: Optional[ProgressCallback] = None,
     order = order_clusters_by_spect(network, cases, context.device) if config.unsupervised else None
     if context.is_main:
         network.eval()
-        validation = validate(LoadedModel(network, new_card(network, config.spacing_mm)),
+        validation = validate(LoadedModel(network, new_card(network, config.spacing_mm,
+                                                            segments_beyond_spect=config.beyond_spect)),
                               config.validation_phantoms, str(context.device), real_ct) if config.validation_phantoms else {}
         card = _save(network, config, config.steps, losses, started, context, validation, order, init_sha256)
         log(f"wrote {config.out}; validation {json.dumps(validation)}")
@@ -353,5 +377,6 @@ def _save(network: UNet, config: TrainConfig, step: int, losses: List[float], st
         "cluster_order": order,
         "init_weights_sha256": init_sha256,
     }
-    card = new_card(network, config.spacing_mm, training=training, validation=validation or {})
+    card = new_card(network, config.spacing_mm, training=training, validation=validation or {},
+                    segments_beyond_spect=config.beyond_spect)
     return save_model(config.out, network, card)

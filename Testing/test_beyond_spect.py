@@ -69,17 +69,31 @@ def test_training_cases_keep_bone_labels_beyond_the_spect_and_ignore_lesions_the
 
 def test_spect_truncation_cuts_the_crops_spect_and_its_lesion_labels(tiny_case):
     case = prepare_training_case(*tiny_case)
-    for seed in range(5):  # the same seed crops the same place; only the truncation differs
+    cuts = 0
+    for seed in range(8):  # the same seed crops the same place; only the truncation differs
         _, plain_valid, _ = random_crop(case, 24, np.random.default_rng(seed), 1.0, ct_dropout=0.0)
         features, valid, labels = random_crop(case, 24, np.random.default_rng(seed), 1.0, ct_dropout=0.0,
                                               spect_truncation=1.0)
         cut = plain_valid.any(axis=(1, 2)) & ~valid.any(axis=(1, 2))   # axial planes that lost their SPECT
-        assert cut.any()
-        assert np.all(features[0][cut] == 0) and features[1][cut].max() > 0
-        assert not (labels[cut] == LESION).any() and (labels[cut] == BONE).any()
+        cuts += bool(cut.any())  # none when the cut falls in the crop's padding, beyond the image
+        assert np.all(features[0][cut] == 0) and (not cut.any() or features[1][cut].max() > 0)
+        assert not (labels[cut] == LESION).any() and (not cut.any() or (labels[cut] == BONE).any())
         features, valid, labels = random_crop(case, 24, np.random.default_rng(seed), 1.0, ct_dropout=1.0,
                                               spect_truncation=1.0)
         assert np.all(labels[~valid] == IGNORE)                          # neither SPECT nor CT: nothing to learn
+    assert cuts >= 4
+
+
+def test_spect_truncation_always_leaves_some_spect_in_the_crop(tiny_case):
+    from dataclasses import replace
+
+    case = prepare_training_case(*tiny_case)
+    thin = case.valid.copy()
+    thin[:-1] = False  # only the last axial plane has SPECT
+    case = replace(case, valid=thin, valid_voxels=np.argwhere(thin))
+    for seed in range(20):
+        _, valid, _ = random_crop(case, 24, np.random.default_rng(seed), 0.0, ct_dropout=0.0, spect_truncation=1.0)
+        assert valid.any()
 
 
 def test_a_model_trained_with_spect_truncation_says_so_in_its_card(tmp_path):

@@ -182,7 +182,8 @@ def random_crop(case: TrainingCase, crop: int, rng: np.random.Generator, lesion_
     """A (features, valid, labels) crop of side ``crop``, zero/ignore-padded, with augmentation.
 
     spect_truncation: probability that the SPECT ends at a random axial plane of the crop, as where a
-    SPECT field is shorter than the CT: beyond it the SPECT is 0 and lesions are ignored.
+    SPECT field is shorter than the CT: beyond it the SPECT is 0 and lesions are ignored. A cut that
+    would leave the crop no SPECT voxel is not made (the RFCM term needs some).
     """
     shape = np.array(case.valid.shape)
     if len(case.lesion_voxels) and rng.random() < lesion_fraction:
@@ -201,9 +202,10 @@ def random_crop(case: TrainingCase, crop: int, rng: np.random.Generator, lesion_
     if rng.random() < spect_truncation:
         cut = int(rng.integers(crop // 4, 3 * crop // 4 + 1))
         beyond = slice(cut, None) if rng.random() < 0.5 else slice(0, cut)
-        features[0, beyond] = 0.0
-        valid[beyond] = False
-        labels[beyond][labels[beyond] == LESION] = IGNORE
+        if valid[:cut].any() if beyond.start == cut else valid[cut:].any():
+            features[0, beyond] = 0.0
+            valid[beyond] = False
+            labels[beyond][labels[beyond] == LESION] = IGNORE
     if rng.random() < ct_dropout:
         features[1:] = 0.0
         labels[~valid] = IGNORE  # with neither SPECT nor CT there is nothing to learn from

@@ -21,17 +21,31 @@ MARGIN_MM = 3.0
 MIN_FRACTION = 0.2
 
 
-def near_ct_bone(case: WorkingCase, margin_mm: float = MARGIN_MM, bone_hu: float = BONE_HU) -> np.ndarray:
-    """Bool (Z, Y, X): working voxels within ``margin_mm`` of CT above ``bone_hu`` (needs a CT)."""
+def _radius_voxels(case: WorkingCase, margin_mm: float) -> np.ndarray:
+    return np.maximum(np.round(margin_mm / np.array(case.grid.GetSpacing()[::-1])).astype(int), 0)
+
+
+def near_ct_bone(case: WorkingCase, margin_mm: float = MARGIN_MM, bone_hu: float = BONE_HU,
+                 box: Tuple[slice, ...] = (slice(None),) * 3) -> np.ndarray:
+    """Bool: working voxels of ``box`` within ``margin_mm`` of CT above ``bone_hu`` (needs a CT); exact
+    for voxels at least the margin away from the box's sides (bone beyond the box is not seen)."""
     offset, width = CT_WINDOW
-    bone = case.features[1] > (bone_hu - offset) / width
+    bone = case.features[1][box] > (bone_hu - offset) / width
     spacing = np.array(case.grid.GetSpacing()[::-1])
-    radius = np.maximum(np.round(margin_mm / spacing).astype(int), 0)
+    radius = _radius_voxels(case, margin_mm)
     if not radius.any():
         return bone
     grid = np.ogrid[tuple(slice(-r, r + 1) for r in radius)]
     ball = sum((g * s) ** 2 for g, s in zip(grid, spacing)) <= margin_mm ** 2 + 1e-6
     return ndimage.binary_dilation(bone, structure=ball)
+
+
+def _box_around(mask: np.ndarray, pad: np.ndarray) -> Tuple[slice, ...]:
+    """The bounding box of ``mask``'s True voxels grown by ``pad`` voxels per axis, inside the array."""
+    where = np.argwhere(mask)
+    low = np.maximum(where.min(axis=0) - pad, 0)
+    high = np.minimum(where.max(axis=0) + pad + 1, mask.shape)
+    return tuple(slice(int(lo), int(hi)) for lo, hi in zip(low, high))
 
 
 def drop_lesions_outside_bone(memberships: np.ndarray, case: WorkingCase, margin_mm: float = MARGIN_MM,
@@ -47,29 +61,33 @@ def drop_lesions_outside_bone(memberships: np.ndarray, case: WorkingCase, margin
     """
     if not case.has_ct:
         return memberships, []
-    components, count = lesion_components(np.argmax(memberships, axis=0), LESION)
-    if count == 0:
+    lesion = np.argmax(memberships, axis=0) == LESION
+    if not lesion.any():
         return memberships, []
+    # Only the lesions' surroundings matter: work in their bounding box (fast on large images).
+    box = _box_around(lesion, _radius_voxels(case, margin_mm) + 2)
+    components, count = lesion_components(lesion[box].astype(np.uint8), 1)
     index = np.arange(1, count + 1)
-    near = near_ct_bone(case, margin_mm)
+    near = near_ct_bone(case, margin_mm, box=box)
     fraction = ndimage.mean(near, components, index)
     dropped = index[fraction < min_fraction]
     if keep is not None and dropped.size:
-        dropped = np.setdiff1d(dropped, np.unique(components[keep & (components > 0)]))
+        dropped = np.setdiff1d(dropped, np.unique(components[keep[box] & (components > 0)]))
     if dropped.size == 0:
         return memberships, []
     region = ndimage.binary_dilation(np.isin(components, dropped), structure=np.ones((3, 3, 3), bool))
     region &= ~np.isin(components, np.setdiff1d(index, dropped))
     out = memberships.copy()
+    inside = out[(slice(None),) + box]  # a view: writing it writes ``out``
     others = [k for k in range(out.shape[0]) if k != LESION]
-    rest = out[others][:, region]  # the other classes' memberships, shared out as they stand
+    rest = inside[others][:, region]  # the other classes' memberships, shared out as they stand
     total = rest.sum(axis=0)
     share = np.where(total > 0, rest / np.where(total > 0, total, 1.0), 0.0)
     away = (total <= 0) | ~near[region]  # where the CT shows no bone, what is not lesion is background
     share[:, away] = 0.0
     share[others.index(BACKGROUND), away] = 1.0
     for row, k in enumerate(others):
-        out[k][region] = share[row]
-    out[LESION][region] = 0.0
+        inside[k][region] = share[row]
+    inside[LESION][region] = 0.0
     noun = "lesion" if dropped.size == 1 else "lesions"
     return out, [f"{dropped.size} hot {noun} outside bone on the CT (not bone lesions) left out of the lesion class"]

@@ -56,9 +56,9 @@ class RefineSettings:
     plain SPECT-intensity clusters, which on an image unlike the training data are not the anatomical
     classes (measured: bone Dice 0.74 -> 0.00 in one round); with it a round changes what the strokes ask
     for and little else. The reference stays fixed over a series of refine rounds (until adapt or
-    reset): anchored to each round's start instead, small changes added up round after round (measured
-    on 6 validation phantoms over 3 rounds: bone -0.008 and lesion falling after round 1, against bone
-    +0.006 and lesion rising every round).
+    reset): anchored to each round's start instead, small changes added up round after round
+    (scripts/bench_refine.py, 3 rounds: bone -0.014 with that anchor, -0.002 with this one; on
+    validation phantoms with one same model, lesion Dice also fell after round 1 instead of rising).
     offset_cell / offset_learning_rate: spacing (working voxels; 2 = 6 mm) of the stroke-local logit
     offsets and their Adam step (logit units per step); offset_cell 0 fine-tunes the head alone. Cells
     of 3 (9 mm) let one stroke spill into the next structure (measured: bone Dice fell, lesion gains halved).

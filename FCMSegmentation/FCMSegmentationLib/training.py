@@ -9,8 +9,9 @@ in class order (background < bone < lesion by mean SPECT) by permuting the head'
 Data: procedural (and, when a real CT with bone labels is given, CT-derived) phantoms from
 :mod:`phantoms`, prepared exactly as at inference (:func:`preprocessing.prepare_case`), cropped at random
 (half the crops centred on lesions), with the CT channel dropped at random so the model works on SPECT
-alone. Seeds: training phantoms use ``seed .. seed+n-1``; validation phantoms (procedural and, when a real
-CT is given, CT-derived) use :mod:`validation`'s seeds; benchmarks use seeds from
+alone, and, with ``spect_truncation``, the SPECT cut off at a random axial plane so the model segments
+bone from the CT alone where a SPECT ends before its CT. Seeds: training phantoms use
+``seed .. seed+n-1``; validation phantoms (procedural and, when a real CT is given, CT-derived) use :mod:`validation`'s seeds; benchmarks use seeds from
 :data:`BENCHMARK_SEED_BASE` — never used in training.
 
 Distributed: run under ``torchrun --nproc_per_node=N`` (gloo on CPU, NCCL on GPUs); each rank builds its
@@ -201,8 +202,9 @@ def random_crop(case: TrainingCase, crop: int, rng: np.random.Generator, lesion_
     labels[tuple(dst)] = case.labels[tuple(src)]
     if rng.random() < spect_truncation:
         cut = int(rng.integers(crop // 4, 3 * crop // 4 + 1))
-        beyond = slice(cut, None) if rng.random() < 0.5 else slice(0, cut)
-        if valid[:cut].any() if beyond.start == cut else valid[cut:].any():
+        kept, beyond = ((slice(0, cut), slice(cut, None)) if rng.random() < 0.5
+                        else (slice(cut, None), slice(0, cut)))
+        if valid[kept].any():
             features[0, beyond] = 0.0
             valid[beyond] = False
             labels[beyond][labels[beyond] == LESION] = IGNORE

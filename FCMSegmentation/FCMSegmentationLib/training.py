@@ -11,8 +11,8 @@ Data: procedural (and, when a real CT with bone labels is given, CT-derived) pha
 (half the crops centred on lesions), with the CT channel dropped at random so the model works on SPECT
 alone, and, with ``spect_truncation``, the SPECT cut off at a random axial plane so the model segments
 bone from the CT alone where a SPECT ends before its CT. Seeds: training phantoms use
-``seed .. seed+n-1``; validation phantoms (procedural and, when a real CT is given, CT-derived) use :mod:`validation`'s seeds; benchmarks use seeds from
-:data:`BENCHMARK_SEED_BASE` — never used in training.
+``seed .. seed+n-1``; validation phantoms (procedural and, when a real CT is given, CT-derived) use
+:mod:`validation`'s seeds; benchmarks use seeds from :data:`BENCHMARK_SEED_BASE` — never used in training.
 
 Distributed: run under ``torchrun --nproc_per_node=N`` (gloo on CPU, NCCL on GPUs); each rank builds its
 own shard of phantoms and DistributedDataParallel averages gradients; rank 0 writes the checkpoint.

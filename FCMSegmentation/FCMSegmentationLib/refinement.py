@@ -34,7 +34,7 @@ from .lesion_filter import drop_lesions_outside_bone
 from .losses import fcm_label_loss, rfcm_loss
 from .modelfile import LoadedModel, PathLike, load_model, save_model
 from .networks import UNet, pointwise_head_logits
-from .preprocessing import WorkingCase, array_to_image, prepare_case
+from .preprocessing import LESION, WorkingCase, array_to_image, prepare_case
 from .progress import CancelToken, ProgressCallback, check_cancel, report, scaled
 from .scribbles import LESION_CODE, UNLABELLED, require_strokes, scribbles_to_labels, scribbles_to_output, stroke_counts
 from .segmentation import SegmentationResult, mask_outside_field_of_view, result_from_working
@@ -264,7 +264,7 @@ class RefinementSession:
         painted = self._state.painted
         if painted is None or not (painted == LESION_CODE).any():
             return None
-        return scribbles_to_labels(array_to_image(painted, self.case.output_reference), self.case) == LESION_CODE - 1
+        return scribbles_to_labels(array_to_image(painted, self.case.output_reference), self.case) == LESION
 
     def _call_settings(self, **overrides: Any) -> RefineSettings:
         """The session's settings with this call's non-None overrides (validated)."""

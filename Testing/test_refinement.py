@@ -397,3 +397,21 @@ def test_segment_leaves_out_lesions_outside_bone_unless_painted_there(tiny_case,
     session.keep_lesions_outside_bone = True
     session.undo()
     assert (sitk.GetArrayFromImage(session.segment().labels) == 2).any()
+
+
+def test_a_calibrated_model_labels_by_its_decision_weights_and_painted_voxels_stay(tiny_case, untrained):
+    from FCMSegmentationLib.modelfile import LoadedModel
+    from FCMSegmentationLib.preprocessing import labels_from_memberships
+
+    spect, ct, truth = tiny_case
+    weights = [1.5, 1.0, 0.5]
+    calibrated = LoadedModel(untrained.network, dict(untrained.card, decision={"spect_ct": weights}))
+    session = RefinementSession(spect, ct, calibrated, "cpu", FAST)
+    strokes = strokes_from_truth(truth, per_class=15)
+    result = session.refine(strokes, steps=1)
+    memberships = np.moveaxis(sitk.GetArrayFromImage(result.memberships), -1, 0)
+    labels = sitk.GetArrayFromImage(result.labels)
+    np.testing.assert_array_equal(labels, labels_from_memberships(memberships, weights))
+    assert not np.array_equal(labels, labels_from_memberships(memberships))  # the weights made a difference
+    painted = sitk.GetArrayFromImage(strokes) > 0
+    np.testing.assert_array_equal(labels[painted], sitk.GetArrayFromImage(strokes)[painted] - 1)

@@ -139,14 +139,14 @@ def test_build_cases_mixes_procedural_and_ct_derived_phantoms(shared_data, tmp_p
     assert all((case.labels == 1).any() for case in cases)  # bone in both, procedural and real anatomy
 
 
-def readme_train_commands(text: str):
-    """The ``fcmseg train`` commands of the README's default-model section, as argument lists."""
+def readme_commands(text: str, command: str = "train"):
+    """The ``fcmseg <command>`` commands of the README's default-model section, as argument lists."""
     import shlex
 
     section = text[text.index("## The default model"):]
     block = section[section.index("```bash"):section.index("```", section.index("```bash") + 3)]
     joined = block.replace("\\\n", " ")
-    return [shlex.split(line)[1:] for line in joined.splitlines() if line.strip().startswith("fcmseg train")]
+    return [shlex.split(line)[1:] for line in joined.splitlines() if line.strip().startswith(f"fcmseg {command} ")]
 
 
 def test_readme_commands_are_the_ones_recorded_in_the_shipped_models_card():
@@ -156,7 +156,7 @@ def test_readme_commands_are_the_ones_recorded_in_the_shipped_models_card():
     from FCMSegmentationLib.modelfile import default_model_path, read_card
 
     readme = (REPO / "README.md").read_text(encoding="utf-8")
-    stages = [train_config_from_args(build_parser().parse_args(c)) for c in readme_train_commands(readme)]
+    stages = [train_config_from_args(build_parser().parse_args(c)) for c in readme_commands(readme)]
     assert len(stages) >= 2, "the README should give every training stage of the default model"
     training = read_card(default_model_path())["training"]
     recorded = dict(training["config"])
@@ -171,6 +171,26 @@ def test_readme_commands_are_the_ones_recorded_in_the_shipped_models_card():
     for number, (earlier, later) in enumerate(zip(stages, stages[1:]), start=2):
         assert later.init == earlier.out, f"stage {number} must continue from stage {number - 1}'s output"
     assert f"`{training['init_weights_sha256'][:12]}" in readme, "README names another starting model"
+
+
+def test_readme_calibration_command_is_the_one_recorded_in_the_shipped_models_card():
+    from FCMSegmentationLib.cli import build_parser
+    from FCMSegmentationLib.modelfile import DEFAULT_MODEL_NAME, default_model_path, read_card
+
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    card = read_card(default_model_path())
+    commands = [build_parser().parse_args(c) for c in readme_commands(readme, "calibrate")]
+    if "decision" not in card:
+        assert not commands, "the README calibrates the default model, but its card has no decision weights"
+        return
+    assert len(commands) == 1, "the README should give the one calibration of the default model"
+    calibration, last_stage = commands[0], build_parser().parse_args(readme_commands(readme)[-1])
+    assert calibration.model == last_stage.out, "calibration must start from the last training stage's output"
+    assert calibration.out.endswith(DEFAULT_MODEL_NAME)
+    recorded = card["decision"]["calibration"]
+    assert (calibration.phantoms, calibration.ct_phantoms) == (recorded["procedural"], recorded["ct_derived"])
+    for used in ("spect_ct", "spect_only"):
+        assert card["decision"][used] == recorded[used]["weights"]
 
 
 def test_train_spacing_flag_sets_the_working_grid_and_rejects_nonsense(tmp_path):

@@ -33,6 +33,19 @@ def test_validation_plan_gives_procedural_then_ct_derived_seeds_of_their_own():
         validation_plan(-1)
 
 
+def test_calibration_seeds_are_disjoint_from_validation_benchmark_and_training_seeds():
+    from FCMSegmentationLib.calibration import CALIBRATION_SEED_BASE
+    from FCMSegmentationLib.training import BENCHMARK_SEED_BASE
+
+    largest = validation_plan(CT_DERIVED_SEED_OFFSET, CT_DERIVED_SEED_OFFSET)
+    calibration = validation_plan(3, 2, seed_base=CALIBRATION_SEED_BASE)
+    assert calibration[0] == ("procedural", CALIBRATION_SEED_BASE)
+    assert calibration[-1] == ("ct", CALIBRATION_SEED_BASE + CT_DERIVED_SEED_OFFSET + 1)
+    assert max(seed for _, seed in largest) < CALIBRATION_SEED_BASE < BENCHMARK_SEED_BASE
+    with pytest.raises(InputError, match="overlap"):
+        validation_plan(CT_DERIVED_SEED_OFFSET + 1)
+
+
 def test_paired_difference_is_the_mean_case_by_case_change_with_an_interval_around_it():
     rng = np.random.default_rng(0)
     reference = rng.uniform(0.0, 1.0, 40)  # wide spread between cases, as lesion Dice has

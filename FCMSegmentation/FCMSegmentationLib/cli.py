@@ -185,6 +185,26 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    import torch
+
+    from .calibration import write_calibrated_model
+
+    check_output_location(args.out, "--out")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with progress_bar("calibrate") as progress:
+        card = write_calibrated_model(args.model, args.out, args.phantoms, args.ct_phantoms, args.from_ct,
+                                      args.bone_labels, args.device, progress)
+    for used in ("spect_ct", "spect_only"):
+        chosen = card["decision"]["calibration"][used]
+        print(f"{used}: weights (background, bone, lesion) {chosen['weights']}: bone Dice "
+              f"{chosen['reference_bone_dice']:.3f} -> {chosen['bone_dice']:.3f}, lesion Dice "
+              f"{chosen['reference_lesion_dice']:.3f} -> {chosen['lesion_dice']:.3f} on {chosen['cases']} phantoms")
+    print(f"wrote {args.out}")
+    return 0
+
+
 def _add_lesion_filter_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep-lesions-outside-bone", action="store_true",
                         help="keep predicted lesions that the CT shows are not in bone (by default they are left out)")
@@ -275,6 +295,18 @@ def build_parser() -> argparse.ArgumentParser:
                     help="probability that a crop's SPECT ends at a random axial plane; above 0 the model also "
                          "learns bone beyond the SPECT field, from the CT alone, and segments it (default 0)")
     tr.set_defaults(handler=cmd_train)
+
+    cal = commands.add_parser("calibrate", help="choose a model's decision weights on calibration phantoms "
+                                                "and write a calibrated copy")
+    cal.add_argument("--model", help="model file to calibrate (default: the shipped model)")
+    cal.add_argument("--out", required=True, help="calibrated model file to write (same weights)")
+    cal.add_argument("--phantoms", type=int, default=16, help="procedural calibration phantoms")
+    cal.add_argument("--ct-phantoms", type=int, default=0, help="CT-derived calibration phantoms")
+    cal.add_argument("--from-ct", help="real CT for CT-derived phantoms")
+    cal.add_argument("--bone-labels", help="its bone label map")
+    cal.add_argument("--device", default="auto", help="auto | cpu | cuda | mps (default auto)")
+    cal.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    cal.set_defaults(handler=cmd_calibrate)
     return parser
 
 

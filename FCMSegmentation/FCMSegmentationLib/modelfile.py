@@ -10,10 +10,11 @@ import datetime
 import hashlib
 import io
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 
@@ -45,6 +46,17 @@ class LoadedModel:
     def segments_beyond_spect(self) -> bool:
         """Whether the model was trained to segment bone where only the CT sees it (older models were not)."""
         return bool(self.card.get("segments_beyond_spect", False))
+
+    def decision_weights(self, with_ct: bool) -> Tuple[float, ...]:
+        """Per-class weights on the memberships before the argmax that gives labels, for SPECT+CT or
+        SPECT-only input: the card's calibration (see :mod:`calibration`), all 1 for an uncalibrated model."""
+        decision = self.card.get("decision") or {}
+        return tuple(decision.get(decision_key(with_ct), (1.0,) * len(CLASS_NAMES)))
+
+
+def decision_key(with_ct: bool) -> str:
+    """The card's ``decision`` entry for SPECT+CT (``spect_ct``) or SPECT-only (``spect_only``) input."""
+    return "spect_ct" if with_ct else "spect_only"
 
 
 def normalisation_card(spacing_mm: float = DEFAULT_SPACING_MM) -> Dict[str, Any]:
@@ -138,6 +150,23 @@ def _check_card(path: Path, card: Dict[str, Any]) -> None:
             f"{path}: model takes {arch.get('in_channels')} input channels; this version gives "
             f"{len(CHANNELS)} ({', '.join(CHANNELS)})"
         )
+    _check_decision(path, card.get("decision"))
+
+
+def _check_decision(path: Path, decision: Any) -> None:
+    if decision is None:
+        return
+    if not isinstance(decision, dict):
+        raise ModelError(f"{path}: model card's decision entry is not a mapping; calibrate the model again "
+                         "(fcmseg calibrate)")
+    for with_ct in (True, False):
+        weights = decision.get(decision_key(with_ct))
+        if weights is None:
+            continue
+        if (not isinstance(weights, list) or len(weights) != len(CLASS_NAMES)
+                or not all(isinstance(w, (int, float)) and math.isfinite(w) and w > 0 for w in weights)):
+            raise ModelError(f"{path}: model card's decision weights {weights!r} are not {len(CLASS_NAMES)} positive "
+                             "numbers; calibrate the model again (fcmseg calibrate)")
 
 
 def load_model(path: Optional[PathLike] = None, device: Union[str, torch.device] = "cpu") -> LoadedModel:

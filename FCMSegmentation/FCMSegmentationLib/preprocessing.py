@@ -16,7 +16,7 @@ Conventions (all arrays in SimpleITK's (z, y, x) index order):
   SPECT's, geometry copied exactly) and labels are their argmax; voxels outside the overlap are background.
 """
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -243,6 +243,20 @@ def memberships_to_output(memberships: np.ndarray, case: WorkingCase) -> np.ndar
     return stacked
 
 
-def labels_from_memberships(memberships: np.ndarray) -> np.ndarray:
-    """Hard labels (uint8, 0 background / 1 bone / 2 lesion) as the argmax over classes."""
-    return np.argmax(memberships, axis=0).astype(np.uint8)
+def labels_from_memberships(memberships: np.ndarray, weights: Optional[Sequence[float]] = None) -> np.ndarray:
+    """Hard labels (uint8 (Z, Y, X), 0 background / 1 bone / 2 lesion) from memberships (K, Z, Y, X): the
+    argmax over classes of ``weights[k] * memberships[k]`` (a model's calibrated decision weights; default
+    all 1, the plain argmax). Ties go to the lower class, as with ``np.argmax``."""
+    if weights is None:
+        return np.argmax(memberships, axis=0).astype(np.uint8)
+    if len(weights) != memberships.shape[0]:
+        raise ValueError(f"{len(weights)} decision weights for {memberships.shape[0]} classes")
+    # class by class, so that no weighted copy of all K channels is held (large CT grids)
+    labels = np.zeros(memberships.shape[1:], dtype=np.uint8)
+    best = memberships[0] * np.float32(weights[0])
+    for k in range(1, memberships.shape[0]):
+        weighted = memberships[k] * np.float32(weights[k])
+        better = weighted > best
+        labels[better] = k
+        np.maximum(best, weighted, out=best)
+    return labels

@@ -200,7 +200,7 @@ class RefinementSession:
         if not self.keep_lesions_outside_bone:
             memberships, notes = drop_lesions_outside_bone(memberships, self.case, keep=self._painted_lesion())
         return result_from_working(memberships, self.case, self.device_description, notes,
-                                   painted=self._state.painted)
+                                   self.model.decision_weights(self.case.has_ct), painted=self._state.painted)
 
     def refine(
         self,

@@ -1,6 +1,6 @@
 """The segmentation pipeline: images in, labels and soft memberships out (the engine's main entry)."""
 from dataclasses import dataclass, field
-from typing import List, Optional, Union
+from typing import List, Optional, Sequence, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -74,8 +74,10 @@ def predict_working(
 
 
 def result_from_working(memberships: np.ndarray, case: WorkingCase, device: str, notes: List[str],
+                        decision_weights: Optional[Sequence[float]] = None,
                         painted: Optional[np.ndarray] = None) -> SegmentationResult:
-    """Resample working-grid memberships onto the output grid and take their argmax.
+    """Resample working-grid memberships onto the output grid; labels are their argmax, weighted by the
+    model's ``decision_weights`` (see :func:`preprocessing.labels_from_memberships`).
 
     painted: optional stroke codes on the output grid (0 unpainted, 1 background, 2 bone, 3 lesion);
     painted voxels keep their painted class, with membership 1, as in Slicer's Grow-from-seeds.
@@ -86,7 +88,7 @@ def result_from_working(memberships: np.ndarray, case: WorkingCase, device: str,
         on_output[:, where] = 0.0
         for code in np.unique(painted[where]):
             on_output[int(code) - 1][painted == code] = 1.0
-    labels = array_to_image(labels_from_memberships(on_output), case.output_reference)
+    labels = array_to_image(labels_from_memberships(on_output, decision_weights), case.output_reference)
     vector = sitk.GetImageFromArray(np.moveaxis(on_output, 0, -1), isVector=True)
     vector.CopyInformation(case.output_reference)
     return SegmentationResult(labels, vector, device, list(case.notes) + notes)
@@ -106,6 +108,7 @@ def segment(
 
     Output is on the CT's grid when a CT is given, else on the SPECT's. With a CT, predicted lesions that
     are not in bone on the CT are left out (see :mod:`lesion_filter`) unless ``keep_lesions_outside_bone``.
+    Labels follow the model's calibrated decision weights; the memberships are the network's, unweighted.
     """
     torch_device = resolve_device(device)
     loaded = model if isinstance(model, LoadedModel) else load_model(model, torch_device)
@@ -124,6 +127,7 @@ def segment(
         memberships, dropped = drop_lesions_outside_bone(memberships, case)
         notes += dropped
     report(progress, 0.92, "resampling onto the output grid")
-    result = result_from_working(memberships, case, describe_device(torch_device), notes)
+    result = result_from_working(memberships, case, describe_device(torch_device), notes,
+                                 loaded.decision_weights(case.has_ct))
     report(progress, 1.0, "done")
     return result

@@ -7,7 +7,7 @@ lesion Dice varies far more between phantoms (sd about 0.25) than between two si
 paired difference cancels the phantom-to-phantom part.
 """
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -17,7 +17,7 @@ from .modelfile import LoadedModel
 from .progress import ProgressCallback, report
 
 if TYPE_CHECKING:  # phantoms is imported only when phantoms are made
-    from .phantoms import SimulationRanges
+    from .phantoms import PhantomCase, SimulationRanges
 
 VALIDATION_SEED_BASE = 5_000_000
 CT_DERIVED_SEED_OFFSET = 100
@@ -39,13 +39,38 @@ class CaseScore:
     lesion: float
 
 
-def validation_plan(procedural: int, ct_derived: int = 0) -> List[Tuple[str, int]]:
-    """(kind, seed) of the validation phantoms: ``procedural`` procedural ones, then ``ct_derived`` ones."""
+def validation_plan(procedural: int, ct_derived: int = 0,
+                    seed_base: int = VALIDATION_SEED_BASE) -> List[Tuple[str, int]]:
+    """(kind, seed) of the validation phantoms: ``procedural`` procedural ones (seeds ``seed_base + i``), then
+    ``ct_derived`` ones (seeds ``seed_base + CT_DERIVED_SEED_OFFSET + i``)."""
     if procedural < 0 or ct_derived < 0:
         raise InputError("the numbers of validation phantoms cannot be negative")
-    plan = [("procedural", VALIDATION_SEED_BASE + i) for i in range(procedural)]
-    plan += [("ct", VALIDATION_SEED_BASE + CT_DERIVED_SEED_OFFSET + i) for i in range(ct_derived)]
+    if max(procedural, ct_derived) > CT_DERIVED_SEED_OFFSET:
+        raise InputError(f"at most {CT_DERIVED_SEED_OFFSET} phantoms of each kind (their seeds would overlap)")
+    plan = [("procedural", seed_base + i) for i in range(procedural)]
+    plan += [("ct", seed_base + CT_DERIVED_SEED_OFFSET + i) for i in range(ct_derived)]
     return plan
+
+
+def plan_phantoms(
+    plan: Sequence[Tuple[str, int]],
+    ct: Optional[sitk.Image] = None,
+    bone_labels: Optional[sitk.Image] = None,
+    ranges: Optional["SimulationRanges"] = None,
+) -> Iterator[Tuple[str, int, "PhantomCase"]]:
+    """(kind, seed, phantom) for each entry of ``plan``, each phantom made when it is reached.
+
+    ct, bone_labels: the real CT and its labels that CT-derived phantoms are built on (needed only if
+    ``plan`` has any). ranges: simulation ranges (default: the training ranges).
+    """
+    from .phantoms import TRAINING_RANGES, generate_phantom
+
+    if any(kind == "ct" for kind, _ in plan) and (ct is None or bone_labels is None):
+        raise InputError("CT-derived phantoms need the real CT and its bone labels")
+    ranges = ranges or TRAINING_RANGES
+    for kind, seed in plan:
+        yield kind, seed, (generate_phantom(seed, kind="ct", ct=ct, bone_labels=bone_labels, ranges=ranges)
+                           if kind == "ct" else generate_phantom(seed, kind="procedural", ranges=ranges))
 
 
 def score_models(
@@ -66,19 +91,13 @@ def score_models(
     as in :func:`segmentation.segment` (to measure what the lesion filter does).
     """
     from .metrics import evaluate_images
-    from .phantoms import TRAINING_RANGES, generate_phantom
     from .segmentation import segment
 
     unknown = set(inputs) - set(INPUTS)
     if unknown:
         raise InputError(f"unknown validation inputs {sorted(unknown)}; use {list(INPUTS)}")
-    if any(kind == "ct" for kind, _ in plan) and (ct is None or bone_labels is None):
-        raise InputError("CT-derived validation phantoms need the real CT and its bone labels")
-    ranges = ranges or TRAINING_RANGES
     scores: Dict[str, List[CaseScore]] = {name: [] for name in models}
-    for number, (kind, seed) in enumerate(plan, start=1):
-        phantom = (generate_phantom(seed, kind="ct", ct=ct, bone_labels=bone_labels, ranges=ranges) if kind == "ct"
-                   else generate_phantom(seed, kind="procedural", ranges=ranges))
+    for number, (kind, seed, phantom) in enumerate(plan_phantoms(plan, ct, bone_labels, ranges), start=1):
         for name, model in models.items():
             for used in inputs:
                 result = segment(phantom.spect, phantom.ct if used == "spect_ct" else None, model, device=device,

@@ -1,0 +1,148 @@
+"""Decision calibration: per-class weights on a model's memberships before the argmax that gives labels.
+
+The label loss weights class k by ``N_k ** -class_balance``, so the rare classes (bone, lesion) weigh more
+in training than background, and a plain argmax of the network's memberships over-calls them: bone
+edges one CT voxel too wide, bone hot spots called lesion. Weighting the memberships before the argmax
+(a prior correction) undoes that without retraining. The weights are chosen on calibration phantoms
+(seeds from :data:`CALIBRATION_SEED_BASE`, never used in training, validation or the benchmarks) as the
+grid point with the largest mean bone Dice + mean lesion Dice, separately for SPECT+CT and SPECT-only
+input, and written into the model card, where :func:`segmentation.segment` and refinement sessions read
+them. The memberships themselves, the soft output, are unchanged. The lesion filter still picks its
+candidates by the plain argmax on the working grid.
+"""
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import InputError
+from .metrics import evaluate_images
+from .modelfile import LoadedModel, decision_key
+from .preprocessing import array_to_image, labels_from_memberships
+from .progress import ProgressCallback, report
+from .validation import INPUTS, plan_phantoms, validation_plan
+
+CALIBRATION_SEED_BASE = 6_000_000
+BACKGROUND_WEIGHTS = (1.0, 1.25, 1.5, 2.0)
+LESION_WEIGHTS = (1.0, 0.7, 0.5, 0.35, 0.25)
+OBJECTIVE = "mean bone Dice + mean lesion Dice over the calibration phantoms"
+
+Weights = Tuple[float, float, float]
+
+
+def weight_grid(background: Sequence[float] = BACKGROUND_WEIGHTS,
+                lesion: Sequence[float] = LESION_WEIGHTS) -> List[Weights]:
+    """Candidate (background, bone, lesion) weights; bone stays 1 (only ratios matter). The first entry
+    is the plain argmax when both sequences start with 1, so that ties keep the uncalibrated decision."""
+    return [(float(b), 1.0, float(les)) for b in background for les in lesion]
+
+
+def decision_dice(memberships: sitk.Image, truth: sitk.Image, grid: Sequence[Weights]) -> np.ndarray:
+    """Dice (G, 2: bone, lesion) of the labels each weight triple of ``grid`` gives from ``memberships``
+    (a K-component image, as :class:`segmentation.SegmentationResult` holds), scored as the benchmarks
+    score: on the truth's grid."""
+    stacked = np.moveaxis(sitk.GetArrayFromImage(memberships), -1, 0)
+    reference = sitk.Image(memberships.GetSize(), sitk.sitkUInt8)
+    reference.CopyInformation(memberships)
+    rows = []
+    for weights in grid:
+        dice = evaluate_images(array_to_image(labels_from_memberships(stacked, weights), reference), truth)
+        rows.append((dice["bone"], dice["lesion"]))
+    return np.asarray(rows, dtype=float)
+
+
+def _class_means(scores: np.ndarray) -> np.ndarray:
+    """(G, 2) means over cases of (cases, G, 2) Dice, skipping undefined (NaN) cases; 0 if none defined."""
+    defined = np.isfinite(scores)
+    totals = np.where(defined, scores, 0.0).sum(axis=0)
+    return np.where(defined.any(axis=0), totals / np.maximum(defined.sum(axis=0), 1), 0.0)
+
+
+def choose_weights(scores: np.ndarray, grid: Sequence[Weights]) -> Tuple[Weights, Dict[str, Any]]:
+    """The weights of ``grid`` with the largest mean bone + mean lesion Dice over ``scores`` (cases, G, 2);
+    the first best on ties. Returns them and a summary: the chosen and the first (reference) entry's means."""
+    if scores.ndim != 3 or scores.shape[1:] != (len(grid), 2) or not len(scores):
+        raise InputError(f"calibration scores must be (cases, {len(grid)}, 2), got {scores.shape}")
+    means = _class_means(scores)
+    best = int(np.argmax(means.sum(axis=1)))
+    summary = {
+        "weights": list(grid[best]),
+        "bone_dice": float(means[best, 0]), "lesion_dice": float(means[best, 1]),
+        "reference_weights": list(grid[0]),
+        "reference_bone_dice": float(means[0, 0]), "reference_lesion_dice": float(means[0, 1]),
+        "cases": int(len(scores)),
+    }
+    return grid[best], summary
+
+
+def calibrate(
+    model: LoadedModel,
+    procedural: int,
+    ct_derived: int = 0,
+    ct: Optional[sitk.Image] = None,
+    bone_labels: Optional[sitk.Image] = None,
+    device: str = "cpu",
+    grid: Optional[Sequence[Weights]] = None,
+    inputs: Iterable[str] = INPUTS,
+    progress: Optional[ProgressCallback] = None,
+) -> Dict[str, Any]:
+    """The card's ``decision`` entry for ``model``: weights per input (``spect_ct``, ``spect_only``) chosen
+    on ``procedural`` + ``ct_derived`` calibration phantoms, and a ``calibration`` record of how.
+
+    The phantoms are segmented once per input with the model's lesion filter on; every grid point is then
+    scored on the same memberships. ct, bone_labels: the real CT for CT-derived phantoms.
+    """
+    from .segmentation import segment
+
+    grid = list(grid or weight_grid())
+    inputs = list(inputs)
+    unknown = set(inputs) - set(INPUTS)
+    if unknown or not inputs:
+        raise InputError(f"calibration inputs must be among {list(INPUTS)}, got {inputs}")
+    plan = validation_plan(procedural, ct_derived, seed_base=CALIBRATION_SEED_BASE)
+    if not plan:
+        raise InputError("calibration needs at least one phantom")
+    scores: Dict[str, List[np.ndarray]] = {used: [] for used in inputs}
+    for number, (kind, seed, phantom) in enumerate(plan_phantoms(plan, ct, bone_labels), start=1):
+        for used in inputs:
+            result = segment(phantom.spect, phantom.ct if used == "spect_ct" else None, model, device=device)
+            scores[used].append(decision_dice(result.memberships, phantom.truth, grid))
+        report(progress, number / len(plan), f"calibration phantom {number}/{len(plan)} ({kind}, seed {seed})")
+    decision: Dict[str, Any] = {}
+    record: Dict[str, Any] = {"procedural": procedural, "ct_derived": ct_derived, "seed_base": CALIBRATION_SEED_BASE,
+                              "objective": OBJECTIVE, "grid": [list(w) for w in grid]}
+    for used in inputs:
+        weights, record[used] = choose_weights(np.stack(scores[used]), grid)
+        decision[decision_key(used == "spect_ct")] = list(weights)
+    decision["calibration"] = record
+    return decision
+
+
+def write_calibrated_model(
+    model_path: Optional[str],
+    out: str,
+    procedural: int,
+    ct_derived: int = 0,
+    ct_path: Optional[str] = None,
+    bone_labels_path: Optional[str] = None,
+    device: str = "cpu",
+    progress: Optional[ProgressCallback] = None,
+) -> Dict[str, Any]:
+    """``fcmseg calibrate``: calibrate the model at ``model_path`` (default: the shipped one) and write a
+    copy with the same weights and the ``decision`` entry in its card to ``out`` (atomically). Returns
+    the written card."""
+    from .imageio import read_image
+    from .inference import resolve_device
+    from .modelfile import load_model, save_model
+
+    if (ct_path is None) != (bone_labels_path is None):
+        raise InputError("--from-ct and --bone-labels go together: give both (or neither, with --ct-phantoms 0)")
+    if ct_derived and ct_path is None:
+        raise InputError("CT-derived calibration phantoms (--ct-phantoms) need --from-ct and --bone-labels")
+    torch_device = resolve_device(device)
+    model = load_model(model_path, torch_device)
+    report(progress, 0.0, "reading CT and labels" if ct_path else "calibrating")
+    ct = read_image(ct_path) if ct_path else None
+    labels = read_image(bone_labels_path) if bone_labels_path else None
+    decision = calibrate(model, procedural, ct_derived, ct, labels, device=str(torch_device), progress=progress)
+    return save_model(out, model.network, dict(model.card, decision=decision))

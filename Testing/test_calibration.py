@@ -1,0 +1,182 @@
+"""Decision calibration: weighted argmax labels, the choice of weights, and calibrated model files."""
+import math
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from FCMSegmentationLib.calibration import (
+    CALIBRATION_SEED_BASE,
+    calibrate,
+    choose_weights,
+    decision_dice,
+    weight_grid,
+    write_calibrated_model,
+)
+from FCMSegmentationLib.errors import InputError, ModelError
+from FCMSegmentationLib.metrics import evaluate_images
+from FCMSegmentationLib.modelfile import LoadedModel, load_model, read_card, save_model
+from FCMSegmentationLib.preprocessing import labels_from_memberships
+from FCMSegmentationLib.segmentation import segment
+
+
+def _memberships(*voxels):
+    """(K=3, 1, 1, N) memberships from N (background, bone, lesion) triples."""
+    return np.asarray(voxels, dtype=np.float32).T.reshape(3, 1, 1, -1)
+
+
+def test_unit_weights_give_the_plain_argmax():
+    rng = np.random.default_rng(0)
+    memberships = rng.dirichlet((1, 1, 1), size=(4, 5, 6)).transpose(3, 0, 1, 2).astype(np.float32)
+    assert np.array_equal(labels_from_memberships(memberships, (1.0, 1.0, 1.0)), memberships.argmax(axis=0))
+
+
+def test_weights_move_the_decision_between_classes():
+    memberships = _memberships((0.45, 0.55, 0.0), (0.1, 0.35, 0.55), (0.2, 0.5, 0.3))
+    assert labels_from_memberships(memberships).ravel().tolist() == [1, 2, 1]
+    # background weighted up takes the uncertain edge voxel; lesion weighted down needs twice bone's share
+    assert labels_from_memberships(memberships, (1.25, 1.0, 0.5)).ravel().tolist() == [0, 1, 1]
+
+
+def test_a_wrong_number_of_weights_is_refused():
+    with pytest.raises(ValueError, match="2 decision weights for 3 classes"):
+        labels_from_memberships(_memberships((0.2, 0.5, 0.3)), (1.0, 1.0))
+
+
+def test_the_grid_starts_with_the_plain_argmax_and_keeps_bone_at_one():
+    grid = weight_grid()
+    assert grid[0] == (1.0, 1.0, 1.0)
+    assert all(weights[1] == 1.0 for weights in grid) and len(set(grid)) == len(grid)
+
+
+def test_choose_weights_maximises_bone_plus_lesion_and_skips_undefined_cases():
+    grid = [(1.0, 1.0, 1.0), (1.5, 1.0, 1.0), (1.0, 1.0, 0.5)]
+    scores = np.array([
+        [[0.80, 0.30], [0.85, 0.30], [0.80, 0.50]],
+        [[0.90, np.nan], [0.95, np.nan], [0.90, np.nan]],  # no lesion in truth or prediction: skipped
+    ])
+    weights, summary = choose_weights(scores, grid)
+    assert weights == (1.0, 1.0, 0.5)
+    assert summary["lesion_dice"] == pytest.approx(0.50) and summary["bone_dice"] == pytest.approx(0.85)
+    assert summary["reference_lesion_dice"] == pytest.approx(0.30) and summary["cases"] == 2
+
+
+def test_choose_weights_keeps_the_first_on_ties_and_checks_the_shape():
+    grid = [(1.0, 1.0, 1.0), (2.0, 1.0, 1.0)]
+    assert choose_weights(np.full((3, 2, 2), 0.5), grid)[0] == grid[0]
+    with pytest.raises(InputError, match="must be"):
+        choose_weights(np.zeros((3, 5, 2)), grid)
+
+
+def test_decision_dice_scores_each_weighting_on_the_truth_grid():
+    truth_array = np.array([[[0, 1, 2, 2]]], dtype=np.uint8)
+    truth = sitk.GetImageFromArray(truth_array)
+    truth.SetSpacing((2.0, 2.0, 2.0))
+    stacked = _memberships((0.6, 0.4, 0.0), (0.4, 0.6, 0.0), (0.1, 0.3, 0.6), (0.1, 0.55, 0.35))
+    memberships = sitk.GetImageFromArray(np.moveaxis(stacked, 0, -1), isVector=True)
+    memberships.CopyInformation(truth)
+    scores = decision_dice(memberships, truth, [(1.0, 1.0, 1.0), (1.0, 1.0, 2.0)])
+    # plain argmax: bone {1, 3} vs truth {1}; lesion {2} vs truth {2, 3}. Lesion x2: bone {1}, lesion {2, 3}
+    assert scores[0].tolist() == pytest.approx([2 / 3, 2 / 3])
+    assert scores[1].tolist() == pytest.approx([1.0, 1.0])
+
+
+@pytest.fixture(scope="module")
+def calibrated_on_one_phantom():
+    from FCMSegmentationLib.modelfile import random_model
+
+    model = random_model("cpu", seed=0, norm="instance")
+    grid = [(1.0, 1.0, 1.0), (1.5, 1.0, 1.0), (1.0, 1.0, 0.5), (0.7, 1.0, 1.0)]
+    return model, grid, calibrate(model, procedural=1, grid=grid, inputs=("spect_ct",))
+
+
+def test_calibration_records_its_plan_and_picks_a_grid_point(calibrated_on_one_phantom):
+    _, grid, decision = calibrated_on_one_phantom
+    record = decision["calibration"]
+    assert (record["procedural"], record["ct_derived"], record["seed_base"]) == (1, 0, CALIBRATION_SEED_BASE)
+    assert tuple(decision["spect_ct"]) in grid and "spect_only" not in decision
+    chosen = record["spect_ct"]
+    reference = chosen["reference_bone_dice"] + chosen["reference_lesion_dice"]
+    assert chosen["bone_dice"] + chosen["lesion_dice"] >= reference
+
+
+def test_segment_with_the_calibrated_card_delivers_the_calibrated_dice(calibrated_on_one_phantom):
+    from FCMSegmentationLib.phantoms import generate_phantom
+
+    model, _, decision = calibrated_on_one_phantom
+    calibrated = LoadedModel(model.network, dict(model.card, decision=decision))
+    assert calibrated.decision_weights(with_ct=True) == tuple(decision["spect_ct"])
+    assert calibrated.decision_weights(with_ct=False) == (1.0, 1.0, 1.0)  # not calibrated: plain argmax
+    phantom = generate_phantom(CALIBRATION_SEED_BASE, kind="procedural")
+    result = segment(phantom.spect, phantom.ct, calibrated)
+    dice = evaluate_images(result.labels, phantom.truth)
+    record = decision["calibration"]["spect_ct"]
+    assert dice["bone"] == pytest.approx(record["bone_dice"])
+    # a lesion Dice undefined on every case counts 0 in the record (the objective needs a number)
+    assert (0.0 if math.isnan(dice["lesion"]) else dice["lesion"]) == pytest.approx(record["lesion_dice"])
+    plain = np.moveaxis(sitk.GetArrayFromImage(result.memberships), -1, 0)
+    assert np.array_equal(sitk.GetArrayFromImage(result.labels), labels_from_memberships(plain, decision["spect_ct"]))
+
+
+def test_write_calibrated_model_keeps_the_weights_and_adds_the_decision(tmp_path, monkeypatch):
+    import FCMSegmentationLib.calibration as calibration
+    from FCMSegmentationLib.modelfile import random_model
+
+    model = random_model("cpu", seed=0)
+    source = tmp_path / "model.pt"
+    card = save_model(source, model.network, model.card)
+    decision = {"spect_ct": [1.25, 1.0, 0.5], "spect_only": [1.0, 1.0, 0.7], "calibration": {"procedural": 2}}
+    monkeypatch.setattr(calibration, "calibrate", lambda *args, **kwargs: decision)
+    out = tmp_path / "calibrated.pt"
+    written = write_calibrated_model(str(source), str(out), procedural=2)
+    assert written["weights_sha256"] == card["weights_sha256"] and read_card(out)["decision"] == decision
+    loaded = load_model(out)
+    assert loaded.decision_weights(with_ct=True) == (1.25, 1.0, 0.5)
+    for name, value in model.network.state_dict().items():
+        assert torch.equal(loaded.network.state_dict()[name], value)
+
+
+def test_ct_derived_calibration_without_the_ct_is_refused_before_any_output(tmp_path):
+    out = tmp_path / "calibrated.pt"
+    with pytest.raises(InputError, match="--from-ct"):
+        write_calibrated_model(None, str(out), procedural=1, ct_derived=2)
+    with pytest.raises(InputError, match="go together"):
+        write_calibrated_model(None, str(out), procedural=1, ct_path="ct.nii.gz")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("bad", [[1.0, 1.0], [1.0, 0.0, 1.0], [1.0, float("inf"), 1.0], "1,1,1"])
+def test_a_card_with_bad_decision_weights_is_refused_on_load(tmp_path, bad):
+    from FCMSegmentationLib.modelfile import random_model
+
+    model = random_model("cpu", seed=0)
+    path = tmp_path / "bad.pt"
+    save_model(path, model.network, dict(model.card, decision={"spect_ct": bad}))
+    with pytest.raises(ModelError, match="decision weights"):
+        load_model(path)
+
+
+def test_the_command_line_calibrates_and_reports(tmp_path, monkeypatch, capsys):
+    import FCMSegmentationLib.calibration as calibration
+    from FCMSegmentationLib.cli import main
+    from FCMSegmentationLib.modelfile import random_model
+
+    model = random_model("cpu", seed=0)
+    source = tmp_path / "model.pt"
+    save_model(source, model.network, model.card)
+    summary = {"weights": [1.25, 1.0, 0.5], "bone_dice": 0.9, "lesion_dice": 0.3, "reference_bone_dice": 0.88,
+               "reference_lesion_dice": 0.25, "cases": 3}
+    seen = {}
+
+    def fake_calibrate(model, procedural, ct_derived, *args, **kwargs):
+        seen.update(procedural=procedural, ct_derived=ct_derived)
+        return {"spect_ct": [1.25, 1.0, 0.5], "spect_only": [1.25, 1.0, 0.5],
+                "calibration": {"spect_ct": summary, "spect_only": summary}}
+
+    monkeypatch.setattr(calibration, "calibrate", fake_calibrate)
+    out = tmp_path / "calibrated.pt"
+    assert main(["calibrate", "--model", str(source), "--out", str(out), "--phantoms", "3"]) == 0
+    assert seen == {"procedural": 3, "ct_derived": 0}
+    assert "bone Dice 0.880 -> 0.900, lesion Dice 0.250 -> 0.300 on 3 phantoms" in capsys.readouterr().out
+    assert load_model(out).decision_weights(with_ct=False) == (1.25, 1.0, 0.5)

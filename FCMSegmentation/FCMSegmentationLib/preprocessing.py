@@ -13,7 +13,8 @@ Conventions (all arrays in SimpleITK's (z, y, x) index order):
   - ct_present: 1 where a CT was given, 0 otherwise (the CT channel is then 0); the network is trained
     with CT dropped at random so it works on SPECT alone.
 * Outputs: memberships are resampled linearly onto the *output grid* (the CT's grid when given, else the
-  SPECT's, geometry copied exactly) and labels are their argmax; voxels outside the overlap are background.
+  SPECT's, geometry copied exactly) and labels are their argmax, weighted by the model's calibrated decision
+  weights; voxels outside the overlap are background.
 """
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple

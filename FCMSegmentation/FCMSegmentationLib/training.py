@@ -34,7 +34,7 @@ from .modelfile import LoadedModel, load_model, new_card, save_model
 from .networks import UNet, count_parameters
 from .preprocessing import DEFAULT_SPACING_MM, LESION, prepare_case, resample_to
 from .progress import ProgressCallback, report
-from .validation import score_models, summarise, validation_plan
+from .validation import plan_phantoms, score_models, summarise, validation_plan
 
 BENCHMARK_SEED_BASE = 10_000_000
 IGNORE = -1
@@ -165,13 +165,8 @@ def read_real_ct(config: TrainConfig) -> RealCT:
 def build_cases(plan: Sequence[Tuple[str, int]], config: TrainConfig, real_ct: RealCT = (None, None),
                 progress: Optional[ProgressCallback] = None) -> List[TrainingCase]:
     """Generate and prepare the phantoms of ``plan`` (CT-derived ones on ``real_ct``)."""
-    from .phantoms import generate_phantom
-
-    ct, bone = real_ct
     cases = []
-    for number, (kind, seed) in enumerate(plan, start=1):
-        phantom = (generate_phantom(seed, kind="ct", ct=ct, bone_labels=bone) if kind == "ct"
-                   else generate_phantom(seed, kind=kind))
+    for number, (kind, seed, phantom) in enumerate(plan_phantoms(plan, *real_ct), start=1):
         cases.append(prepare_training_case(phantom.spect, phantom.ct, phantom.truth, config.spacing_mm,
                                            config.beyond_spect))
         report(progress, number / len(plan), f"phantom {number}/{len(plan)} ({kind}, seed {seed})")

@@ -11,6 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from benchlib import classical  # noqa: E402
 from benchlib.common import write_section  # noqa: E402
 from benchlib.grid_bound import truth_through_working_grid  # noqa: E402
+from benchlib.misregistration_bound import truth_where_spect_shows_it  # noqa: E402
 from benchlib.simulated_user import PLANES, paint_strokes, seed_strokes  # noqa: E402
 from FCMSegmentationLib.metrics import dice_per_class, same_geometry  # noqa: E402
 
@@ -159,6 +160,23 @@ def test_grid_bound_keeps_thick_bone_and_loses_what_is_thinner_than_the_grid(tin
     plate_image.CopyInformation(truth)
     coarse = truth_through_working_grid(spect, ct, plate_image, spacing_mm=3 * max(truth.GetSpacing()))
     assert sitk.GetArrayFromImage(coarse).max() == 0
+
+
+def misregistration(shift_mm, centre_mm=(0.0, 0.0, 0.0), angle_deg=0.0):
+    return {"misregistration_centre_mm": list(centre_mm), "misregistration_rotation_axis": [0.0, 0.0, 1.0],
+            "misregistration_rotation_deg": angle_deg, "misregistration_shift_vector_mm": list(shift_mm)}
+
+
+def test_truth_where_spect_shows_it_moves_the_truth_by_the_recorded_misregistration(tiny_case, truth_array):
+    truth = tiny_case[2]
+    unmoved = truth_where_spect_shows_it(truth, misregistration((0.0, 0.0, 0.0), angle_deg=0.0))
+    assert same_geometry(unmoved, truth)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(unmoved), truth_array)
+    step = truth.GetSpacing()[0]
+    moved = sitk.GetArrayFromImage(truth_where_spect_shows_it(truth, misregistration((2 * step, 0.0, 0.0))))
+    # the SPECT shows at x the activity at x + shift: the labels move by -shift (2 voxels down x)
+    np.testing.assert_array_equal(moved[..., :-2], truth_array[..., 2:])
+    assert dice_per_class(moved, truth_array)["lesion"] < 1.0
 
 
 def test_compare_models_reports_paired_differences_against_the_first_model(tmp_path, random_model):

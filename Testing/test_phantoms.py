@@ -193,6 +193,25 @@ def test_lesion_uptake_follows_contrast():
     assert cold_lesion < 0.9 * flat_lesion
 
 
+def test_misregistration_transform_puts_the_truth_where_the_spect_shows_it():
+    case = P.procedural_phantom(21, small_ranges(misregistration_shift_mm=(9.0, 9.0), lesion_count=(0, 0)))
+    rigid = P.misregistration_transform(case.params)
+    centre = np.array(case.params["misregistration_centre_mm"])
+    np.testing.assert_allclose(rigid.TransformPoint(centre.tolist()),
+                               centre + case.params["misregistration_shift_vector_mm"], atol=1e-6)
+    spect = arr(sitk.Resample(case.spect, case.ct, sitk.Transform(), sitk.sitkLinear, 0.0))
+    inside = spect > 0
+
+    def bone_contrast(truth: sitk.Image) -> float:
+        bone = arr(truth) > 0
+        return spect[bone & inside].mean() / spect[~bone & inside].mean()
+
+    moved = sitk.Resample(case.truth, case.truth, rigid, sitk.sitkNearestNeighbor, 0)
+    backwards = sitk.Resample(case.truth, case.truth, rigid.GetInverse(), sitk.sitkNearestNeighbor, 0)
+    # the SPECT's bone uptake lines up with the moved bone better than with the CT's, or the opposite move
+    assert bone_contrast(moved) > 1.05 * bone_contrast(case.truth) > 1.05 * bone_contrast(backwards)
+
+
 # ------------------------------------------------------------------------------------------- ranges
 
 

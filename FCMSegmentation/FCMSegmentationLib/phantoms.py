@@ -33,7 +33,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -779,6 +779,24 @@ def _spect_grid(
     return _geometry(size[::-1], spacing, origin, d.ravel())
 
 
+def _rigid_transform(centre: Sequence[float], axis: Sequence[float], angle_deg: float,
+                     shift: Sequence[float]) -> sitk.Euler3DTransform:
+    """Rotation by ``angle_deg`` about ``axis`` through ``centre``, then translation by ``shift`` (mm)."""
+    rigid = sitk.Euler3DTransform()
+    rigid.SetCenter([float(v) for v in centre])
+    rigid.SetMatrix(sitk.VersorTransform([float(v) for v in axis], math.radians(angle_deg)).GetMatrix())
+    rigid.SetTranslation([float(v) for v in shift])
+    return rigid
+
+
+def misregistration_transform(params: Mapping[str, Any]) -> sitk.Euler3DTransform:
+    """The SPECT/CT misregistration a phantom recorded in its ``params``: the SPECT's activity at physical
+    point x is the CT-aligned activity at ``transform.TransformPoint(x)``. Resampling a CT-grid image
+    through it (``sitk.Resample(image, image, transform)``) puts that image where the SPECT shows it."""
+    return _rigid_transform(params["misregistration_centre_mm"], params["misregistration_rotation_axis"],
+                            params["misregistration_rotation_deg"], params["misregistration_shift_vector_mm"])
+
+
 def _finish_case(
     rng: np.random.Generator,
     p: Dict[str, Any],
@@ -834,11 +852,7 @@ def _finish_case(
     sig = fwhm * FWHM_TO_SIGMA
     blurred = sitk.SmoothingRecursiveGaussian(act_img, [sig, sig, sig * axial])
     centre = np.array(ct_ref.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in ct_ref.GetSize()]))
-    rigid = sitk.Euler3DTransform()
-    rigid.SetCenter(centre.tolist())
-    rotation = sitk.VersorTransform(rot_axis.tolist(), math.radians(rot_deg))
-    rigid.SetMatrix(rotation.GetMatrix())
-    rigid.SetTranslation(shift.tolist())
+    rigid = _rigid_transform(centre, rot_axis, rot_deg, shift)
     expected = sitk.Resample(blurred, spect_ref, rigid, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
     if scatter > 0:
         ssig = scatter_fwhm * FWHM_TO_SIGMA

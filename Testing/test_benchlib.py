@@ -162,14 +162,15 @@ def test_grid_bound_keeps_thick_bone_and_loses_what_is_thinner_than_the_grid(tin
     assert sitk.GetArrayFromImage(coarse).max() == 0
 
 
-def misregistration(shift_mm, centre_mm=(0.0, 0.0, 0.0), angle_deg=0.0):
-    return {"misregistration_centre_mm": list(centre_mm), "misregistration_rotation_axis": [0.0, 0.0, 1.0],
-            "misregistration_rotation_deg": angle_deg, "misregistration_shift_vector_mm": list(shift_mm)}
+def misregistration(shift_mm):
+    """Phantom params recording a pure shift (no rotation)."""
+    return {"misregistration_centre_mm": [0.0, 0.0, 0.0], "misregistration_rotation_axis": [0.0, 0.0, 1.0],
+            "misregistration_rotation_deg": 0.0, "misregistration_shift_vector_mm": list(shift_mm)}
 
 
 def test_truth_where_spect_shows_it_moves_the_truth_by_the_recorded_misregistration(tiny_case, truth_array):
     truth = tiny_case[2]
-    unmoved = truth_where_spect_shows_it(truth, misregistration((0.0, 0.0, 0.0), angle_deg=0.0))
+    unmoved = truth_where_spect_shows_it(truth, misregistration((0.0, 0.0, 0.0)))
     assert same_geometry(unmoved, truth)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(unmoved), truth_array)
     step = truth.GetSpacing()[0]

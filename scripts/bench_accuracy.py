@@ -38,6 +38,7 @@ from benchlib.grid_bound import truth_through_working_grid  # noqa: E402
 from benchlib.misregistration_bound import truth_where_spect_shows_it  # noqa: E402
 from benchlib.lesions import lesions_found, sensitivity_by_group  # noqa: E402
 from benchlib.simulated_user import seed_strokes  # noqa: E402
+from FCMSegmentationLib.phantoms import TRAINING_RANGES  # noqa: E402
 
 SECTION = "bench_accuracy"
 CT_SEED_OFFSET = 100
@@ -85,8 +86,6 @@ def timed(function: Callable[[], Any]):
 def quick_ranges():
     """Training ranges with a smaller, coarser procedural field (smoke runs only)."""
     import dataclasses
-
-    from FCMSegmentationLib.phantoms import TRAINING_RANGES
 
     return dataclasses.replace(TRAINING_RANGES, field_width_mm=(260.0, 280.0), field_length_mm=(90.0, 110.0),
                                ct_spacing_mm=(3.0, 3.0), ct_slice_mm=(3.0, 3.0))
@@ -369,7 +368,9 @@ def report(docs: Path, data: Dict[str, Any], figure: Path, overlay: Optional[Pat
         "that does not segment beyond the SPECT, only background. No model on that grid can do better; thin "
         "cortex, ribs and small lesions are what it loses.",
         f"- **{UPTAKE_BOUND}**: not a method either: the truth moved by the case's own simulated SPECT/CT "
-        "misregistration (up to 4 mm and 2°, `phantoms.misregistration_transform`), i.e. every class exactly "
+        f"misregistration (up to {TRAINING_RANGES.misregistration_shift_mm[1]:g} mm and "
+        f"{TRAINING_RANGES.misregistration_rotation_deg[1]:g}°, `phantoms.misregistration_transform`), "
+        "i.e. every class exactly "
         "where its uptake sits in the SPECT, with no blur and no noise. Its lesion Dice is what a method that "
         "finds and delineates lesions perfectly by their uptake, with no help from the CT, would score: the "
         "misregistration alone costs a lesion of 5–15 mm, or the thin part of a lesion inside cortex, much of "

@@ -18,7 +18,7 @@ import SimpleITK as sitk
 from .errors import InputError
 from .metrics import evaluate_images
 from .modelfile import LoadedModel, decision_key
-from .preprocessing import array_to_image, labels_from_memberships
+from .preprocessing import array_to_image, geometry_of, labels_from_memberships
 from .progress import ProgressCallback, report
 from .validation import INPUTS, plan_phantoms, validation_plan
 
@@ -42,8 +42,7 @@ def decision_dice(memberships: sitk.Image, truth: sitk.Image, grid: Sequence[Wei
     (a K-component image, as :class:`segmentation.SegmentationResult` holds), scored as the benchmarks
     score: on the truth's grid."""
     stacked = np.moveaxis(sitk.GetArrayFromImage(memberships), -1, 0)
-    reference = sitk.Image(memberships.GetSize(), sitk.sitkUInt8)
-    reference.CopyInformation(memberships)
+    reference = geometry_of(memberships)
     rows = []
     for weights in grid:
         dice = evaluate_images(array_to_image(labels_from_memberships(stacked, weights), reference), truth)

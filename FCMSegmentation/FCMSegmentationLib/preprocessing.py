@@ -213,10 +213,10 @@ def prepare_case(
         ct_norm = np.zeros_like(spect_norm)
         present = np.zeros_like(spect_norm)
     features = np.stack([spect_norm * valid, ct_norm, present]).astype(np.float32)
-    return WorkingCase(features, valid, grid, _geometry_of(reference), scale, ct is not None, notes, beyond_spect)
+    return WorkingCase(features, valid, grid, geometry_of(reference), scale, ct is not None, notes, beyond_spect)
 
 
-def _geometry_of(image: sitk.Image) -> sitk.Image:
+def geometry_of(image: sitk.Image) -> sitk.Image:
     """A 1-byte-per-voxel image with exactly ``image``'s geometry (keeps memory low)."""
     ref = sitk.Image(image.GetSize(), sitk.sitkUInt8)
     ref.CopyInformation(image)

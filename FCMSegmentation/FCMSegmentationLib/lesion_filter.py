@@ -21,8 +21,12 @@ MARGIN_MM = 3.0
 MIN_FRACTION = 0.2
 
 
-def _radius_voxels(case: WorkingCase, margin_mm: float) -> np.ndarray:
-    return np.maximum(np.round(margin_mm / np.array(case.grid.GetSpacing()[::-1])).astype(int), 0)
+def _spacing_zyx(case: WorkingCase) -> np.ndarray:
+    return np.array(case.grid.GetSpacing()[::-1])
+
+
+def _radius_voxels(spacing_zyx: np.ndarray, margin_mm: float) -> np.ndarray:
+    return np.maximum(np.round(margin_mm / spacing_zyx).astype(int), 0)
 
 
 def near_ct_bone(case: WorkingCase, margin_mm: float = MARGIN_MM, bone_hu: float = BONE_HU,
@@ -31,8 +35,8 @@ def near_ct_bone(case: WorkingCase, margin_mm: float = MARGIN_MM, bone_hu: float
     for voxels at least the margin away from the box's sides (bone beyond the box is not seen)."""
     offset, width = CT_WINDOW
     bone = case.features[1][box] > (bone_hu - offset) / width
-    spacing = np.array(case.grid.GetSpacing()[::-1])
-    radius = _radius_voxels(case, margin_mm)
+    spacing = _spacing_zyx(case)
+    radius = _radius_voxels(spacing, margin_mm)
     if not radius.any():
         return bone
     grid = np.ogrid[tuple(slice(-r, r + 1) for r in radius)]
@@ -65,7 +69,7 @@ def drop_lesions_outside_bone(memberships: np.ndarray, case: WorkingCase, margin
     if not lesion.any():
         return memberships, []
     # Only the lesions' surroundings matter: work in their bounding box (fast on large images).
-    box = _box_around(lesion, _radius_voxels(case, margin_mm) + 2)
+    box = _box_around(lesion, _radius_voxels(_spacing_zyx(case), margin_mm) + 2)
     components, count = lesion_components(lesion[box].astype(np.uint8), 1)
     index = np.arange(1, count + 1)
     near = near_ct_bone(case, margin_mm, box=box)

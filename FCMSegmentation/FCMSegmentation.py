@@ -13,7 +13,7 @@ Qt or MRML. Cancel sets the job's ``threading.Event``, which the engine checks b
 import inspect
 import logging
 import os
-from typing import Annotated, Any, Callable, List, Optional, Tuple
+from typing import TYPE_CHECKING, Annotated, Any, Callable, List, Optional, Tuple
 
 import qt
 import vtk
@@ -30,6 +30,9 @@ from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModuleWidget,
 )
 from slicer.util import VTKObservationMixin
+
+if TYPE_CHECKING:  # the engine is imported at first use, after torch is checked
+    from FCMSegmentationLib.worker import Job
 
 DEVICE_CHOICES = ["auto", "cuda", "mps", "cpu"]
 DEFAULT_STEPS = 30  # = RefineSettings.steps (the engine is imported only at first use)

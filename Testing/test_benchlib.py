@@ -97,7 +97,11 @@ def test_ct_threshold_baseline_finds_the_bone(tiny_case, truth_array):
 def test_ct_bone_mask_fills_marrow_but_not_large_cavities():
     shell = np.zeros((3, 40, 40), bool)
     y, x = np.mgrid[0:40, 0:40]
-    ring = lambda r0, r1, cy, cx: ((y - cy) ** 2 + (x - cx) ** 2 >= r0 ** 2) & ((y - cy) ** 2 + (x - cx) ** 2 <= r1 ** 2)
+
+    def ring(r0, r1, cy, cx):
+        squared = (y - cy) ** 2 + (x - cx) ** 2
+        return (squared >= r0 ** 2) & (squared <= r1 ** 2)
+
     shell[:] = ring(3, 4, 8, 8) | ring(15, 16, 22, 22)  # a small bone ring and a big 'rib cage'
     hu = np.where(shell, 1000.0, 0.0)
     mask = classical.ct_bone_mask(hu, spacing_xyz=(1.0, 1.0, 1.0), max_hole_mm2=100.0, closing_iterations=0)

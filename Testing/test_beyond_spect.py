@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import torch
 
 from FCMSegmentationLib.modelfile import LoadedModel
 from FCMSegmentationLib.preprocessing import BONE, LESION, prepare_case

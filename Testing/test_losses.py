@@ -51,12 +51,12 @@ def ref_rfcm(u, y, q, beta, mask, w, eps=1e-8):
                 dist = sum(w[c] * (y[n, c][j] - v[k, c]) ** 2 for c in range(c_ch))
                 d_sum += u[n, k][j] ** q * dist
                 for o in offsets:
-                    l = tuple(a + b for a, b in zip(j, o))
-                    if not all(0 <= a < s for a, s in zip(l, spatial)) or not mask[n][l]:
+                    nb = tuple(a + b for a, b in zip(j, o))
+                    if not all(0 <= a < s for a, s in zip(nb, spatial)) or not mask[n][nb]:
                         continue  # zero padding; neighbours outside the mask count as 0
                     for m in range(k_cls):
                         if m != k:
-                            r_sum += u[n, k][j] ** q * u[n, m][l] ** q
+                            r_sum += u[n, k][j] ** q * u[n, m][nb] ** q
         d_all.append(d_sum / len(inside))
         r_all.append(r_sum / len(inside))
     d, r = float(np.mean(d_all)), float(np.mean(r_all))

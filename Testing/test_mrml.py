@@ -234,10 +234,10 @@ def test_segments_written_with_names_colours_terminology_and_geometry(scene):
         "123037004", "SCT", "Anatomical Structure", "272673000", "SCT", "Bone", "", "", "",
         "Anatomic codes - DICOM master list", "", "", "", "", "", "")
     assert mrml.segment_tag(bone, bone.GetTerminologyEntryTagName()) == expected
-    for segment, category, code, meaning in [(bone, "123037004", "272673000", "Bone"),
-                                             (lesion, "49755003", "52988006", "Lesion")]:
+    for tagged, category, code, meaning in [(bone, "123037004", "272673000", "Bone"),
+                                            (lesion, "49755003", "52988006", "Lesion")]:
         entry = slicer.vtkSlicerTerminologyEntry()
-        assert terms.DeserializeTerminologyEntry(mrml.segment_tag(segment, segment.GetTerminologyEntryTagName()), entry)
+        assert terms.DeserializeTerminologyEntry(mrml.segment_tag(tagged, tagged.GetTerminologyEntryTagName()), entry)
         assert entry.GetCategoryObject().GetCodeValue() == category
         assert entry.GetCategoryObject().GetCodingSchemeDesignator() == "SCT"
         assert (entry.GetTypeObject().GetCodeValue(), entry.GetTypeObject().GetCodeMeaning()) == (code, meaning)

@@ -399,8 +399,10 @@ def check_lazy_imports(root: Path) -> List[str]:
                 if name.split(".")[0] in FORBIDDEN_TOP_LEVEL:
                     problems.append(f"{MODULE}.py:{node.lineno}: top-level import of {name} (import it inside "
                                     "the method that needs it)")
-            # imports nested in top-level if/try/with blocks also run at load time
-            for field in ("body", "orelse", "finalbody", "handlers"):
+            # imports nested in top-level if/try/with blocks also run at load time, except for type checkers
+            checking_only = isinstance(node, ast.If) and ast.unparse(node.test) in ("TYPE_CHECKING",
+                                                                                     "typing.TYPE_CHECKING")
+            for field in ("orelse",) if checking_only else ("body", "orelse", "finalbody", "handlers"):
                 block = getattr(node, field, None)
                 if isinstance(block, list) and not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef,
                                                                      ast.ClassDef)):
@@ -497,6 +499,18 @@ def test_text_files_use_lf():
 
 def test_module_has_no_heavy_top_level_imports():
     assert_no_problems(check_lazy_imports(ROOT))
+
+
+def test_lazy_import_check_flags_imports_that_run_at_load_but_not_type_checking_ones(tmp_path):
+    module = module_file(tmp_path)
+    module.parent.mkdir(parents=True)
+    module.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import torch\n"
+                      "else:\n    import scipy\ntry:\n    import FCMSegmentationLib\nexcept ImportError:\n    pass\n"
+                      "def later():\n    import torch\n", encoding="utf-8")
+    problems = check_lazy_imports(tmp_path)
+    assert [p.split(": ")[1] for p in problems] == ["top-level import of scipy (import it inside the method that "
+                                                    "needs it)", "top-level import of FCMSegmentationLib (import it "
+                                                    "inside the method that needs it)"]
 
 
 def test_license_at_root():

@@ -9,7 +9,7 @@ import SimpleITK as sitk
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
 from benchlib import classical  # noqa: E402
-from benchlib.common import write_section  # noqa: E402
+from benchlib.common import ACCURACY_SEED_OFFSETS, held_out_plan, write_section  # noqa: E402
 from benchlib.grid_bound import truth_through_working_grid  # noqa: E402
 from benchlib.misregistration_bound import truth_where_spect_shows_it  # noqa: E402
 from benchlib.simulated_user import PLANES, paint_strokes, seed_strokes  # noqa: E402
@@ -246,3 +246,18 @@ def test_recorded_lesions_are_found_by_their_component_and_grouped_by_size_and_c
     assert sensitivity_by_group(lesions, [True, False, True]) == {
         "hot, 4–8 mm": {"lesions": 1, "found": 0}, "hot, 14–20 mm": {"lesions": 1, "found": 1},
         "cold": {"lesions": 1, "found": 1}}
+
+
+def test_held_out_plan_takes_a_third_ct_derived_with_benchmark_seeds():
+    from FCMSegmentationLib.training import BENCHMARK_SEED_BASE
+
+    plan = held_out_plan(6, have_ct=True)
+    procedural, ct_offset = BENCHMARK_SEED_BASE + ACCURACY_SEED_OFFSETS[0], BENCHMARK_SEED_BASE + ACCURACY_SEED_OFFSETS[1]
+    assert plan == [{"kind": "procedural", "seed": procedural + i} for i in range(4)] + \
+        [{"kind": "ct", "seed": ct_offset + i} for i in range(2)]
+    assert held_out_plan(6, have_ct=False) == [{"kind": "procedural", "seed": procedural + i} for i in range(6)]
+    assert [entry["kind"] for entry in held_out_plan(1, have_ct=True)] == ["procedural"]
+    shifted = held_out_plan(3, have_ct=True, seed_offsets=(200, 250))
+    assert [entry["seed"] - BENCHMARK_SEED_BASE for entry in shifted] == [200, 201, 250]
+    assert len({entry["seed"] for entry in plan + shifted}) == len(plan + shifted)
+

@@ -31,8 +31,8 @@ import numpy as np  # noqa: E402
 
 from benchlib import classical  # noqa: E402
 from benchlib.common import (  # noqa: E402
-    CLASSES, REPO, command_line, fmt_mean_sd, load_benchmark_model, machine_line, markdown_table, mean_sd,
-    read_real_ct, relative_to_docs, save_figure, write_json, write_section,
+    ACCURACY_SEED_OFFSETS, CLASSES, REPO, command_line, fmt_mean_sd, held_out_plan, load_benchmark_model,
+    machine_line, markdown_table, mean_sd, read_real_ct, relative_to_docs, save_figure, write_json, write_section,
 )
 from benchlib.grid_bound import truth_through_working_grid  # noqa: E402
 from benchlib.misregistration_bound import truth_where_spect_shows_it  # noqa: E402
@@ -41,7 +41,7 @@ from benchlib.simulated_user import seed_strokes  # noqa: E402
 from FCMSegmentationLib.phantoms import TRAINING_RANGES  # noqa: E402
 
 SECTION = "bench_accuracy"
-CT_SEED_OFFSET = 100
+CT_SEED_OFFSET = ACCURACY_SEED_OFFSETS[1]
 SEEDS_PER_CLASS = 3
 TARGETS = {"bone": 0.90, "lesion": 0.70}
 MARGIN = 0.15
@@ -65,16 +65,6 @@ TICK = {MODEL: "model\nSPECT+CT", MODEL_SPECT_ONLY: "model\nSPECT only", OTSU: "
         OTSU4: "Otsu\n4 thresholds", CT_OTSU: "CT > 150 HU\n+ Otsu", CT_OTSU_TUNED: "CT > 300 HU\n+ Otsu",
         FCM: "classical\nFCM", GROWCUT: "Grow-from-\nseeds", GRID_BOUND: "truth via\n3 mm grid",
         UPTAKE_BOUND: "truth where\nSPECT shows it"}
-
-
-def case_plan(count: int, have_ct: bool) -> List[Dict[str, Any]]:
-    from FCMSegmentationLib.training import BENCHMARK_SEED_BASE
-
-    n_ct = int(round(count / 3)) if have_ct and count > 1 else 0
-    n_proc = count - n_ct
-    plan = [{"kind": "procedural", "seed": BENCHMARK_SEED_BASE + i} for i in range(n_proc)]
-    plan += [{"kind": "ct", "seed": BENCHMARK_SEED_BASE + CT_SEED_OFFSET + i} for i in range(n_ct)]
-    return plan
 
 
 def timed(function: Callable[[], Any]):
@@ -414,7 +404,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     real_ct, real_labels = read_real_ct()
     if real_ct is None:
         print("warning: shared real CT not found; CT-derived cases skipped", file=sys.stderr)
-    plan = case_plan(count, real_ct is not None)
+    plan = held_out_plan(count, real_ct is not None)
     overlay = figures / "accuracy_overlay.png"
     started = time.perf_counter()
     cases = []

@@ -12,12 +12,14 @@ ranges; a third CT-derived), round 0 = the pretrained model, then ``--rounds`` r
 simulated user (``benchlib/simulated_user.py``) paints ``--strokes`` short strokes inside the largest
 wrongly-labelled regions and the session refines on all strokes so far. Grow-from-seeds is run on the same
 cumulative strokes (and, for reference, in its own workflow: seeds first, then corrections of its own errors).
+The same is repeated on the accuracy benchmark's first ``--in-range-cases`` cases (training ranges), where
+the model mostly finds the lesions and the strokes correct their extent.
 
 Writes the ``bench_refine`` section of <docs>/benchmarks.md, <docs>/figures/refine_dice_per_round.png and
 <docs>/results/bench_refine.json.
 
-    python scripts/bench_refine.py             # full run (6 shifted cases, 3 rounds, 128^3 speed test)
-    python scripts/bench_refine.py --quick     # smoke test (1 case, 1 round, 64^3, to out/bench-quick)
+    python scripts/bench_refine.py             # full run (6 shifted + 6 in-range cases, 3 rounds, 128^3)
+    python scripts/bench_refine.py --quick     # smoke test (1 + 1 case, 1 round, 64^3, to out/bench-quick)
 """
 import argparse
 import dataclasses
@@ -34,8 +36,8 @@ import numpy as np  # noqa: E402
 
 from benchlib import classical  # noqa: E402
 from benchlib.common import (  # noqa: E402
-    CLASSES, REPO, command_line, fmt_mean_sd, load_benchmark_model, machine_line, markdown_table, mean_sd,
-    read_real_ct, relative_to_docs, save_figure, write_json, write_section,
+    ACCURACY_SEED_OFFSETS, CLASSES, REPO, command_line, fmt_mean_sd, held_out_plan, load_benchmark_model,
+    machine_line, markdown_table, mean_sd, read_real_ct, relative_to_docs, save_figure, write_json, write_section,
 )
 from benchlib.simulated_user import codes_image, paint_strokes, seed_strokes  # noqa: E402
 
@@ -156,23 +158,22 @@ def run_speed(model, seed: int, size: int, repeats: int, correction_strokes: int
 
 # -------------------------------------------------------------------------------------------- accuracy
 
-def shifted_plan(count: int, have_ct: bool) -> List[Dict[str, Any]]:
-    from FCMSegmentationLib.training import BENCHMARK_SEED_BASE
-
-    n_ct = int(round(count / 3)) if have_ct and count > 2 else 0
-    plan = [{"kind": "procedural", "seed": BENCHMARK_SEED_BASE + SHIFTED_SEED_OFFSET + i} for i in range(count - n_ct)]
-    plan += [{"kind": "ct", "seed": BENCHMARK_SEED_BASE + SHIFTED_CT_SEED_OFFSET + i} for i in range(n_ct)]
-    return plan
+def case_plans(shifted: int, in_range: int, have_ct: bool) -> List[Dict[str, Any]]:
+    """The accuracy cases: ``shifted`` phantoms from ``SHIFTED_RANGES``, then the first ``in_range`` cases
+    of the accuracy benchmark (training ranges, the same seeds); each entry names its ``ranges``."""
+    plan = [dict(entry, ranges="shifted")
+            for entry in held_out_plan(shifted, have_ct, (SHIFTED_SEED_OFFSET, SHIFTED_CT_SEED_OFFSET))]
+    return plan + [dict(entry, ranges="training") for entry in held_out_plan(in_range, have_ct, ACCURACY_SEED_OFFSETS)]
 
 
 def run_accuracy_case(entry: Dict[str, Any], model, real_ct, real_labels, rounds: int, strokes_per_round: int,
                       quick: bool) -> Dict[str, Any]:
-    from FCMSegmentationLib.phantoms import SHIFTED_RANGES, generate_phantom
+    from FCMSegmentationLib.phantoms import SHIFTED_RANGES, TRAINING_RANGES, generate_phantom
     from FCMSegmentationLib.refinement import RefinementSession
 
-    ranges = SHIFTED_RANGES
+    ranges = SHIFTED_RANGES if entry["ranges"] == "shifted" else TRAINING_RANGES
     if quick:
-        ranges = dataclasses.replace(SHIFTED_RANGES, field_width_mm=(260.0, 280.0), field_length_mm=(90.0, 110.0),
+        ranges = dataclasses.replace(ranges, field_width_mm=(260.0, 280.0), field_length_mm=(90.0, 110.0),
                                      ct_spacing_mm=(3.0, 3.0), ct_slice_mm=(3.0, 3.0))
     if entry["kind"] == "ct":
         phantom = generate_phantom(entry["seed"], kind="ct", ranges=ranges, ct=real_ct, bone_labels=real_labels)
@@ -229,7 +230,7 @@ def run_accuracy_case(entry: Dict[str, Any], model, real_ct, real_labels, rounds
             "growcut_same_seconds": round(growcut_same.last_seconds, 3) if same is not None else None,
         })
     return {
-        "kind": entry["kind"], "seed": entry["seed"], "ranges": "shifted", "session_seconds": round(session_seconds, 2),
+        "kind": entry["kind"], "seed": entry["seed"], "ranges": entry["ranges"], "session_seconds": round(session_seconds, 2),
         "truth_voxels": {"bone": int((truth_array == 1).sum()), "lesion": int((truth_array == 2).sum())},
         "params": {k: phantom.params.get(k) for k in ("psf_fwhm_mm", "count_density", "total_counts")},
         "rounds": history, "strokes": stroke_log,
@@ -300,6 +301,46 @@ def dice_figure(summary: Dict[str, Any], rounds: int, path: Path, title: str) ->
     return path
 
 
+def round_table(summary: Dict[str, Any], cases: List[Dict[str, Any]], rounds: int) -> str:
+    """Markdown: per round, each series' per-class Dice (mean ± sd), new strokes per case, refine seconds."""
+    rows = []
+    for number in range(rounds + 1):
+        row = [str(number)]
+        for series in SERIES:
+            for name in CLASSES:
+                stats = summary[series][number][name]
+                row.append(fmt_mean_sd(stats) if stats["n"] else "—")
+        row.append(f"{np.mean([c['rounds'][number]['strokes'] for c in cases]):.1f}")
+        seconds = [c["rounds"][number]["refine_seconds"] for c in cases]
+        seconds = [value for value in seconds if value is not None]
+        row.append(f"{np.median(seconds):.1f}" if seconds else "—")
+        rows.append(row)
+    short = {series: series.replace("FCMSegmentation ", "ours: ").replace("GrowCut, ", "GrowCut ") for series in SERIES}
+    header = ["round"] + [f"{short[series]} {c}" for series in SERIES for c in CLASSES]
+    return markdown_table(header + ["new strokes / case", "refine s (median)"], rows)
+
+
+def in_range_part(block: Dict[str, Any], rounds: int, strokes: int) -> List[str]:
+    """The report's subsection on training-range phantoms (cases the model mostly gets right)."""
+    cases, summary = block["cases"], block["summary"]
+    ours = summary[OURS]
+    change = ", ".join(f"{name} {ours[0][name]['mean']:.3f} → {ours[rounds][name]['mean']:.3f}" for name in CLASSES
+                       if ours[0][name]["mean"] is not None and ours[rounds][name]["mean"] is not None)
+    return [
+        f"### Accuracy with the same simulated user on training-range phantoms ({len(cases)} "
+        f"case{'' if len(cases) == 1 else 's'})",
+        "",
+        f"Cases: the first {sum(c['kind'] == 'procedural' for c in cases)} procedural and "
+        f"{sum(c['kind'] == 'ct' for c in cases)} CT-derived cases of the accuracy benchmark above (the same "
+        "seeds, training ranges): images like those the model was trained for, rather than the shifted ones. "
+        f"Same user ({strokes} strokes per round), rounds and tools as on the shifted phantoms. Ours, round 0 → "
+        f"round {rounds}: {change}.",
+        "",
+        round_table(summary, cases, rounds),
+        "",
+    ]
+
+
 def report(docs: Path, data: Dict[str, Any], figure: Path, json_path: Path) -> str:
     speed, summary, crit, rounds = data["speed"], data["summary"], data["criteria"], data["rounds"]
     med = speed["median_seconds"]
@@ -313,20 +354,6 @@ def report(docs: Path, data: Dict[str, Any], figure: Path, json_path: Path) -> s
         ["FCMSegmentation: refine round (default settings)", f"{med['refine']:.2f}", "not measured (no GPU lent)"],
         ["FCMSegmentation: refine round after adding strokes", f"{med['refine_more']:.2f}", "not measured (no GPU lent)"],
     ]
-    round_rows = []
-    for number in range(rounds + 1):
-        row = [str(number)]
-        for series in SERIES:
-            for name in CLASSES:
-                row.append(fmt_mean_sd(summary[series][number][name]) if summary[series][number][name]["n"] else "—")
-        strokes = [c["rounds"][number]["strokes"] for c in data["cases"]]
-        row.append(f"{np.mean(strokes):.1f}")
-        seconds = [c["rounds"][number]["refine_seconds"] for c in data["cases"] if c["rounds"][number]["refine_seconds"] is not None]
-        row.append(f"{np.median(seconds):.1f}" if seconds else "—")
-        round_rows.append(row)
-    header = ["round"] + [f"{s.replace('FCMSegmentation ', 'ours: ').replace('GrowCut, ', 'GrowCut ')} {c}" for s in SERIES
-                          for c in CLASSES] + ["new strokes / case", "refine s (median)"]
-
     def yes(flag: bool) -> str:
         return "**met**" if flag else "**not met**"
 
@@ -405,7 +432,7 @@ def report(docs: Path, data: Dict[str, Any], figure: Path, json_path: Path) -> s
         "",
         "Per round, per-class Dice (mean ± sd over cases):",
         "",
-        markdown_table(header, round_rows),
+        round_table(summary, data["cases"], rounds),
         "",
         "Criteria of the issue (means over cases, round 0 vs round " + str(rounds) + "):",
         "",
@@ -419,6 +446,7 @@ def report(docs: Path, data: Dict[str, Any], figure: Path, json_path: Path) -> s
         markdown_table(["case", "PSF mm", "counts/ml", "lesion voxels", "bone", "lesion", "GrowCut bone / lesion",
                         "session s"], case_rows),
         "",
+        *(in_range_part(data["in_range"], rounds, data["strokes_per_round"]) if data["in_range"]["cases"] else []),
         f"Raw results: `{relative_to_docs(json_path, docs)}`.",
     ]
     return "\n".join(parts) + "\n"
@@ -427,6 +455,8 @@ def report(docs: Path, data: Dict[str, Any], figure: Path, json_path: Path) -> s
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", type=int, default=None, help="shifted cases for accuracy (default 6; 1 with --quick)")
+    parser.add_argument("--in-range-cases", type=int, default=None,
+                        help="training-range cases (the accuracy benchmark's first ones; default 6, 1 with --quick)")
     parser.add_argument("--rounds", type=int, default=None, help="refinement rounds (default 3; 1 with --quick)")
     parser.add_argument("--strokes", type=int, default=4, help="strokes per round (default 4)")
     parser.add_argument("--speed-size", type=int, default=None, help="side of the speed volume (default 128; 64 with --quick)")
@@ -447,6 +477,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     quick = args.quick
     cases_count = args.cases if args.cases is not None else (1 if quick else 6)
+    in_range_count = args.in_range_cases if args.in_range_cases is not None else (1 if quick else 6)
     rounds = args.rounds if args.rounds is not None else (1 if quick else 3)
     size = args.speed_size if args.speed_size is not None else (64 if quick else 128)
     repeats = args.repeats if args.repeats is not None else (1 if quick else 3)
@@ -461,18 +492,21 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"warning: working grid is {speed['working_grid_zyx']}, not {size}^3", file=sys.stderr)
     tqdm.write(f"speed medians (s): {speed['median_seconds']}")
 
-    plan = shifted_plan(cases_count, real_ct is not None)
-    cases = []
+    plan = case_plans(cases_count, in_range_count, real_ct is not None)
+    done = []
     for entry in tqdm(plan, desc="refine cases", unit="case"):
-        cases.append(run_accuracy_case(entry, model, real_ct, real_labels, rounds, args.strokes, quick))
-        trace = " -> ".join(f"{r[OURS]['bone']:.2f}/{r[OURS]['lesion']:.2f}" for r in cases[-1]["rounds"])
-        tqdm.write(f"{entry['kind']} {entry['seed']}: bone/lesion {trace}")
+        done.append(run_accuracy_case(entry, model, real_ct, real_labels, rounds, args.strokes, quick))
+        trace = " -> ".join(f"{r[OURS]['bone']:.2f}/{r[OURS]['lesion']:.2f}" for r in done[-1]["rounds"])
+        tqdm.write(f"{entry['ranges']} {entry['kind']} {entry['seed']}: bone/lesion {trace}")
+    cases = [case for case in done if case["ranges"] == "shifted"]
+    in_range = [case for case in done if case["ranges"] == "training"]
     summary = summarise_rounds(cases, rounds)
     data = {
         "benchmark": SECTION, "machine": machine_line(), "command": command_line(), "model": model_description,
         "quick": quick, "rounds": rounds, "strokes_per_round": args.strokes,
         "total_seconds": time.perf_counter() - started,
         "speed": speed, "summary": summary, "criteria": criteria(summary, rounds), "cases": cases,
+        "in_range": {"summary": summarise_rounds(in_range, rounds) if in_range else None, "cases": in_range},
     }
     json_path = write_json(docs / "results" / "bench_refine.json", data)
     figure = dice_figure(summary, rounds, docs / "figures" / "refine_dice_per_round.png",

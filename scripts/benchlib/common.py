@@ -23,6 +23,21 @@ REAL_CT = SHARED_DATA / "realct_dicom" / "ct_dicom"
 REAL_LABELS = SHARED_DATA / "realct_dicom" / "totalsegmentator_labels.nii.gz"
 DEFAULT_MODEL = ENGINE / "Resources" / "Models" / "fcmseg_default.pt"
 CLASSES = ("bone", "lesion")
+# seeds of the accuracy benchmark's cases, after BENCHMARK_SEED_BASE: procedural + i, CT-derived + 100 + i
+ACCURACY_SEED_OFFSETS = (0, 100)
+
+
+def held_out_plan(count: int, have_ct: bool, seed_offsets: Sequence[int] = ACCURACY_SEED_OFFSETS
+                  ) -> List[Dict[str, Any]]:
+    """``count`` benchmark cases, a third of them CT-derived when the real CT is there (none of 1 case):
+    procedural seeds ``BENCHMARK_SEED_BASE + seed_offsets[0] + i``, CT-derived ``... + seed_offsets[1] + i``
+    (seeds never used in training)."""
+    from FCMSegmentationLib.training import BENCHMARK_SEED_BASE
+
+    n_ct = int(round(count / 3)) if have_ct and count > 1 else 0
+    procedural, ct_derived = (BENCHMARK_SEED_BASE + offset for offset in seed_offsets)
+    plan = [{"kind": "procedural", "seed": procedural + i} for i in range(count - n_ct)]
+    return plan + [{"kind": "ct", "seed": ct_derived + i} for i in range(n_ct)]
 
 
 def load_benchmark_model(path: Optional[str], random_weights: bool = False):

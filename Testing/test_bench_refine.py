@@ -37,7 +37,7 @@ def test_quick_run_reports_shifted_and_training_range_cases_separately(bench_ref
     for case in data["cases"] + data["in_range"]["cases"]:
         assert [entry["round"] for entry in case["rounds"]] == [0, 1]
     report = (tmp_path / "benchmarks.md").read_text(encoding="utf-8")
-    shifted = report.index("on domain-shifted phantoms (1 cases)")
+    shifted = report.index("on domain-shifted phantoms (1 case)")
     in_range = report.index("on training-range phantoms (1 case)")
     assert shifted < in_range < report.index("<!-- END bench_refine -->")
     assert (tmp_path / "figures" / "refine_dice_per_round.png").stat().st_size > 0

@@ -12,8 +12,8 @@ ranges; a third CT-derived), round 0 = the pretrained model, then ``--rounds`` r
 simulated user (``benchlib/simulated_user.py``) paints ``--strokes`` short strokes inside the largest
 wrongly-labelled regions and the session refines on all strokes so far. Grow-from-seeds is run on the same
 cumulative strokes (and, for reference, in its own workflow: seeds first, then corrections of its own errors).
-The same is repeated on the accuracy benchmark's first ``--in-range-cases`` cases (training ranges), where
-the model mostly finds the lesions and the strokes correct their extent.
+The same is repeated on the accuracy benchmark's first ``--in-range-cases`` cases (training ranges: images
+like those the model was trained for).
 
 Writes the ``bench_refine`` section of <docs>/benchmarks.md, <docs>/figures/refine_dice_per_round.png and
 <docs>/results/bench_refine.json.
@@ -301,6 +301,10 @@ def dice_figure(summary: Dict[str, Any], rounds: int, path: Path, title: str) ->
     return path
 
 
+def cases_count(cases: List[Dict[str, Any]]) -> str:
+    return f"{len(cases)} case{'' if len(cases) == 1 else 's'}"
+
+
 def round_table(summary: Dict[str, Any], cases: List[Dict[str, Any]], rounds: int) -> str:
     """Markdown: per round, each series' per-class Dice (mean ± sd), new strokes per case, refine seconds."""
     rows = []
@@ -321,14 +325,13 @@ def round_table(summary: Dict[str, Any], cases: List[Dict[str, Any]], rounds: in
 
 
 def in_range_part(block: Dict[str, Any], rounds: int, strokes: int) -> List[str]:
-    """The report's subsection on training-range phantoms (cases the model mostly gets right)."""
+    """The report's subsection on the training-range phantoms (the accuracy benchmark's first cases)."""
     cases, summary = block["cases"], block["summary"]
     ours = summary[OURS]
     change = ", ".join(f"{name} {ours[0][name]['mean']:.3f} → {ours[rounds][name]['mean']:.3f}" for name in CLASSES
                        if ours[0][name]["mean"] is not None and ours[rounds][name]["mean"] is not None)
     return [
-        f"### Accuracy with the same simulated user on training-range phantoms ({len(cases)} "
-        f"case{'' if len(cases) == 1 else 's'})",
+        f"### Accuracy with the same simulated user on training-range phantoms ({cases_count(cases)})",
         "",
         f"Cases: the first {sum(c['kind'] == 'procedural' for c in cases)} procedural and "
         f"{sum(c['kind'] == 'ct' for c in cases)} CT-derived cases of the accuracy benchmark above (the same "
@@ -407,7 +410,7 @@ def report(docs: Path, data: Dict[str, Any], figure: Path, json_path: Path) -> s
         "",
         markdown_table(["step", "CPU seconds (median)", "GPU"], speed_rows),
         "",
-        f"### Accuracy with a simulated user on domain-shifted phantoms ({len(data['cases'])} cases)",
+        f"### Accuracy with a simulated user on domain-shifted phantoms ({cases_count(data['cases'])})",
         "",
         f"Cases: held-out phantoms from `SHIFTED_RANGES` (PSF FWHM 18–24 mm, 10–40 counts/ml, lesion contrast "
         "1.2–1.6× bone: outside the training ranges) — "

@@ -185,7 +185,16 @@ def test_readme_calibration_command_is_the_one_recorded_in_the_shipped_models_ca
         return
     assert len(commands) == 1, "the README should give the one calibration of the default model"
     calibration, last_stage = commands[0], build_parser().parse_args(readme_commands(readme)[-1])
-    assert calibration.model == last_stage.out, "calibration must start from the last training stage's output"
+    averages = [build_parser().parse_args(c) for c in readme_commands(readme, "average")]
+    if averages:  # the calibrated weights are the mean of trained stages, the last one among them
+        assert len(averages) == 1, "the README should average once"
+        stage_outputs = [build_parser().parse_args(c).out for c in readme_commands(readme)]
+        assert set(averages[0].models) <= set(stage_outputs) and averages[0].models[-1] == last_stage.out
+        assert len(card["averaged_from"]) == len(averages[0].models)
+        assert calibration.model == averages[0].out, "calibration must start from the averaged model"
+    else:
+        assert calibration.model == last_stage.out, "calibration must start from the last training stage's output"
+        assert "averaged_from" not in card, "the shipped model is an average, but the README does not say so"
     assert calibration.out.endswith(DEFAULT_MODEL_NAME)
     recorded = card["decision"]["calibration"]
     assert (calibration.phantoms, calibration.ct_phantoms) == (recorded["procedural"], recorded["ct_derived"])

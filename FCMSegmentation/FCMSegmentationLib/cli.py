@@ -205,6 +205,16 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_average(args: argparse.Namespace) -> int:
+    from .averaging import write_average
+
+    check_output_location(args.out, "--out")
+    card = write_average(args.models, args.out)
+    print(f"wrote {args.out}: the mean of {len(args.models)} models' weights (sha256 "
+          f"{card['weights_sha256'][:12]}); calibrate it again with fcmseg calibrate")
+    return 0
+
+
 def _add_lesion_filter_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep-lesions-outside-bone", action="store_true",
                         help="keep predicted lesions that the CT shows are not in bone (by default they are left out)")
@@ -307,6 +317,12 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--device", default="auto", help="auto | cpu | cuda | mps (default auto)")
     cal.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     cal.set_defaults(handler=cmd_calibrate)
+
+    avg = commands.add_parser("average", help="average the weights of models trained from one another "
+                                              "(a model soup); the result needs fcmseg calibrate again")
+    avg.add_argument("models", nargs="+", help="model files (at least two; the last one's card is kept)")
+    avg.add_argument("--out", required=True, help="averaged model file to write")
+    avg.set_defaults(handler=cmd_average)
     return parser
 
 

@@ -6,6 +6,7 @@ from FCMSegmentationLib.averaging import average_models, write_average
 from FCMSegmentationLib.cli import main
 from FCMSegmentationLib.errors import ModelError
 from FCMSegmentationLib.modelfile import load_model, random_model, save_model
+from FCMSegmentationLib.validation import VALIDATION_SEED_BASE
 
 
 def saved(tmp_path, name, model, **card):
@@ -50,10 +51,21 @@ def test_unlike_models_and_single_models_are_refused():
         average_models([batch])
 
 
+def test_write_average_validates_the_mean_as_training_does(tmp_path):
+    record = {"config": {"validation_phantoms": 1, "ct_path": None, "bone_labels_path": None}}
+    a, _ = saved(tmp_path, "a.pt", random_model(seed=1, norm="instance"), validation={"parent": 1})
+    b, _ = saved(tmp_path, "b.pt", random_model(seed=2, norm="instance"), training=record, validation={"parent": 2})
+    card = write_average([a, b], tmp_path / "mean.pt")
+    assert card["validation"]["seeds"] == [VALIDATION_SEED_BASE]  # one procedural phantom, no CT-derived one
+    assert 0.0 <= card["validation"]["spect_ct_bone_dice"] <= 1.0
+    assert load_model(tmp_path / "mean.pt").card["validation"] == card["validation"]
+
+
 def test_write_average_and_the_command_line(tmp_path, capsys):
     a, _ = saved(tmp_path, "a.pt", random_model(seed=1))
     b, _ = saved(tmp_path, "b.pt", random_model(seed=2))
     card = write_average([a, b], tmp_path / "mean.pt")
+    assert card["validation"] == {}  # no training record to validate as
     assert load_model(tmp_path / "mean.pt").card["weights_sha256"] == card["weights_sha256"]
     assert main(["average", str(a), str(b), "--out", str(tmp_path / "cli.pt")]) == 0
     assert load_model(tmp_path / "cli.pt").card["averaged_from"] == card["averaged_from"]

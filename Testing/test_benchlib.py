@@ -252,7 +252,7 @@ def test_held_out_plan_takes_a_third_ct_derived_with_benchmark_seeds():
     from FCMSegmentationLib.training import BENCHMARK_SEED_BASE
 
     plan = held_out_plan(6, have_ct=True)
-    procedural, ct_offset = BENCHMARK_SEED_BASE + ACCURACY_SEED_OFFSETS[0], BENCHMARK_SEED_BASE + ACCURACY_SEED_OFFSETS[1]
+    procedural, ct_offset = (BENCHMARK_SEED_BASE + offset for offset in ACCURACY_SEED_OFFSETS)
     assert plan == [{"kind": "procedural", "seed": procedural + i} for i in range(4)] + \
         [{"kind": "ct", "seed": ct_offset + i} for i in range(2)]
     assert held_out_plan(6, have_ct=False) == [{"kind": "procedural", "seed": procedural + i} for i in range(6)]
@@ -261,3 +261,15 @@ def test_held_out_plan_takes_a_third_ct_derived_with_benchmark_seeds():
     assert [entry["seed"] - BENCHMARK_SEED_BASE for entry in shifted] == [200, 201, 250]
     assert len({entry["seed"] for entry in plan + shifted}) == len(plan + shifted)
 
+
+
+def test_benchmark_model_description_names_an_averaged_models_parents(tmp_path):
+    from benchlib.common import load_benchmark_model
+    from FCMSegmentationLib.modelfile import random_model, save_model
+
+    model = random_model(seed=0)
+    save_model(tmp_path / "plain.pt", model.network, model.card)
+    save_model(tmp_path / "mean.pt", model.network, dict(model.card, averaged_from=["a" * 64, "b" * 64]))
+    assert "mean of" not in load_benchmark_model(str(tmp_path / "plain.pt"))[1]
+    described = load_benchmark_model(str(tmp_path / "mean.pt"))[1]
+    assert f"the mean of 2 models' weights ({'a' * 12}, {'b' * 12})" in described

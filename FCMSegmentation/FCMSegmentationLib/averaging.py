@@ -4,11 +4,13 @@ Models continued from one another (``fcmseg train --init``) sit in one basin of 
 their weights often segments at least as well as either, at no cost at inference. Only models with the
 same architecture, channels and normalisation can be averaged. The result carries the last model's card
 (its training record, so that the recipe stays traceable) with ``averaged_from`` listing every parent's
-weights SHA256; the decision weights are dropped, since they were calibrated for one parent only
-(calibrate the average again with ``fcmseg calibrate``).
+weights SHA256, and its own validation Dice, measured as ``fcmseg train`` measures it. The decision
+weights are dropped, since they were calibrated for one parent only (calibrate the average again with
+``fcmseg calibrate``).
 """
 import copy
 import datetime
+from pathlib import Path
 from typing import Any, Dict, Sequence
 
 import torch
@@ -47,8 +49,26 @@ def average_models(models: Sequence[LoadedModel]) -> LoadedModel:
     return LoadedModel(network.eval(), card)
 
 
+def validate_as_trained(model: LoadedModel, device: str = "cpu") -> Dict[str, Any]:
+    """The validation Dice ``fcmseg train`` records, measured for ``model`` on the validation phantoms its
+    training record names (CT-derived ones too when the recorded real CT can be read from here); empty
+    without a training record."""
+    from .training import TrainConfig, read_real_ct, validate
+
+    recorded = model.card.get("training", {}).get("config", {})
+    count = int(recorded.get("validation_phantoms", 0))
+    if not count:
+        return {}
+    paths = (recorded.get("ct_path"), recorded.get("bone_labels_path"))
+    readable = all(path and Path(path).exists() for path in paths)
+    real_ct = read_real_ct(TrainConfig(out="unused", ct_path=paths[0], bone_labels_path=paths[1])) if readable \
+        else (None, None)
+    return validate(model, count, device, real_ct)
+
+
 def write_average(paths: Sequence[PathLike], out: PathLike) -> Dict[str, Any]:
-    """``fcmseg average``: load the model files at ``paths``, average them, write the result to ``out``
-    (atomically) and return its card."""
+    """``fcmseg average``: load the model files at ``paths``, average them, validate the mean (see
+    :func:`validate_as_trained`), write it to ``out`` (atomically) and return its card."""
     averaged = average_models([load_model(path) for path in paths])
+    averaged.card["validation"] = validate_as_trained(averaged)
     return save_model(out, averaged.network, averaged.card)

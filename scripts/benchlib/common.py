@@ -52,6 +52,10 @@ def load_benchmark_model(path: Optional[str], random_weights: bool = False):
     training = card.get("training", {})
     init = training.get("init_weights_sha256")
     steps = f"{training.get('steps', '?')} steps" + (f" continued from weights sha256 {init[:12]}" if init else "")
+    parents = card.get("averaged_from")
+    if parents:
+        shas = ", ".join(str(parent)[:12] for parent in parents)
+        steps = f"the mean of {len(parents)} models' weights ({shas}), the last: {steps}"
     described = (f"`{_relative(model_path)}` ({card.get('name', 'model')}, {steps}, "
                  f"weights sha256 {str(card.get('weights_sha256', '?'))[:12]}, created {card.get('created', '?')})")
     return model, described

@@ -16,6 +16,16 @@ torch.set_num_threads(1)  # 2 cores, 2 xdist workers: oversubscription makes eve
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
+def load_script(name: str):
+    """A script under scripts/ (``name`` without .py) imported as a module, for testing its functions."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def make_tiny_case(seed: int = 0, ct_direction=None):
     """A 48x40x32 (x, y, z) CT at 2 mm with a bone rod and a lesion in it, a SPECT at 4 mm on another
     origin, and the truth on the CT grid. Returns (spect, ct, truth) SimpleITK images."""

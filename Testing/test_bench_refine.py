@@ -1,6 +1,5 @@
 """scripts/bench_refine.py end to end in its quick mode (tiny phantoms, untrained network): both case sets
 run, and the report and JSON hold them apart."""
-import importlib.util
 import json
 
 import pytest
@@ -9,15 +8,12 @@ slicer = pytest.importorskip("slicer", reason="slicer-core (real MRML, Grow-from
 if not hasattr(slicer, "vtkImageGrowCutSegment"):
     pytest.skip("the installed 'slicer' package has no Grow-from-seeds", allow_module_level=True)
 
-from conftest import REPO  # noqa: E402
+from conftest import load_script  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def bench_refine():
-    spec = importlib.util.spec_from_file_location("bench_refine", REPO / "scripts" / "bench_refine.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_refine")
 
 
 def test_case_plans_put_the_shifted_cases_first_then_the_accuracy_benchmarks_own(bench_refine):

@@ -1,5 +1,4 @@
 """scripts/render_walkthrough.py: the README walkthrough figures, rendered from real MRML (slicer-core)."""
-import importlib.util
 import struct
 from pathlib import Path
 
@@ -11,15 +10,12 @@ if not hasattr(slicer, "vtkMRMLScene"):
     pytest.skip("the installed 'slicer' package has no MRML classes", allow_module_level=True)
 pytest.importorskip("matplotlib")
 
-from conftest import REPO, make_tiny_case  # noqa: E402
+from conftest import load_script, make_tiny_case  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def walkthrough():
-    spec = importlib.util.spec_from_file_location("render_walkthrough", REPO / "scripts" / "render_walkthrough.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("render_walkthrough")
 
 
 def png_size(path: Path):

@@ -69,7 +69,8 @@ def test_write_average_and_the_command_line(tmp_path, capsys):
     assert load_model(tmp_path / "mean.pt").card["weights_sha256"] == card["weights_sha256"]
     assert main(["average", str(a), str(b), "--out", str(tmp_path / "cli.pt")]) == 0
     assert load_model(tmp_path / "cli.pt").card["averaged_from"] == card["averaged_from"]
-    assert "calibrate" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "calibrate" in printed and "validation (none: the last model has no training record)" in printed
     assert main(["average", str(a), "--out", str(tmp_path / "one.pt")]) != 0
     assert "at least two" in capsys.readouterr().err
     assert not (tmp_path / "one.pt").exists()

@@ -301,7 +301,7 @@ def dice_figure(summary: Dict[str, Any], rounds: int, path: Path, title: str) ->
     return path
 
 
-def cases_count(cases: List[Dict[str, Any]]) -> str:
+def cases_label(cases: List[Dict[str, Any]]) -> str:
     return f"{len(cases)} case{'' if len(cases) == 1 else 's'}"
 
 
@@ -331,7 +331,7 @@ def in_range_part(block: Dict[str, Any], rounds: int, strokes: int) -> List[str]
     change = ", ".join(f"{name} {ours[0][name]['mean']:.3f} → {ours[rounds][name]['mean']:.3f}" for name in CLASSES
                        if ours[0][name]["mean"] is not None and ours[rounds][name]["mean"] is not None)
     return [
-        f"### Accuracy with the same simulated user on training-range phantoms ({cases_count(cases)})",
+        f"### Accuracy with the same simulated user on training-range phantoms ({cases_label(cases)})",
         "",
         f"Cases: the first {sum(c['kind'] == 'procedural' for c in cases)} procedural and "
         f"{sum(c['kind'] == 'ct' for c in cases)} CT-derived cases of the accuracy benchmark above (the same "
@@ -410,7 +410,7 @@ def report(docs: Path, data: Dict[str, Any], figure: Path, json_path: Path) -> s
         "",
         markdown_table(["step", "CPU seconds (median)", "GPU"], speed_rows),
         "",
-        f"### Accuracy with a simulated user on domain-shifted phantoms ({cases_count(data['cases'])})",
+        f"### Accuracy with a simulated user on domain-shifted phantoms ({cases_label(data['cases'])})",
         "",
         f"Cases: held-out phantoms from `SHIFTED_RANGES` (PSF FWHM 18–24 mm, 10–40 counts/ml, lesion contrast "
         "1.2–1.6× bone: outside the training ranges) — "

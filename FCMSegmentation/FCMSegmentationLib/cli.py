@@ -212,6 +212,9 @@ def cmd_average(args: argparse.Namespace) -> int:
     card = write_average(args.models, args.out)
     print(f"wrote {args.out}: the mean of {len(args.models)} models' weights (sha256 "
           f"{card['weights_sha256'][:12]}); calibrate it again with fcmseg calibrate")
+    kinds = sorted(card["validation"].get("by_kind", {}))
+    print(f"validation ({', '.join(kinds) or 'none: the last model has no training record'}): "
+          f"{json.dumps({k: v for k, v in card['validation'].items() if k.endswith('_dice')})}")
     return 0
 
 

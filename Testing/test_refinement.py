@@ -12,7 +12,7 @@ from FCMSegmentationLib.metrics import evaluate_images
 from FCMSegmentationLib.modelfile import load_model
 from FCMSegmentationLib.preprocessing import prepare_case
 from FCMSegmentationLib.refinement import (
-    RefinementSession, RefineSettings, balanced_label_loss, offsets_at, upsample_offsets,
+    RefinementSession, RefineSettings, balanced_label_loss, offsets_at, still_wrong, upsample_offsets,
 )
 from FCMSegmentationLib.scribbles import UNLABELLED, scribbles_to_labels
 
@@ -415,3 +415,58 @@ def test_a_calibrated_model_labels_by_its_decision_weights_and_painted_voxels_st
     assert not np.array_equal(labels, labels_from_memberships(memberships))  # the weights made a difference
     painted = sitk.GetArrayFromImage(strokes) > 0
     np.testing.assert_array_equal(labels[painted], sitk.GetArrayFromImage(strokes)[painted] - 1)
+
+
+def test_still_wrong_keeps_the_painted_voxels_the_decision_labels_wrong():
+    memberships = torch.tensor([[0.5, 0.4, 0.1],    # painted bone: wrong by the plain argmax, right by the weights
+                                [0.2, 0.3, 0.5],    # painted lesion: right by the argmax, wrong by the weights
+                                [0.45, 0.1, 0.45],  # painted lesion: a tie after the weights counts as right
+                                [0.1, 0.8, 0.1],    # painted background: wrong
+                                [0.1, 0.8, 0.1]]    # unpainted
+                               ).T.reshape(1, 3, 5, 1)
+    labels = torch.tensor([1, 2, 2, 0, UNLABELLED]).reshape(1, 5, 1)
+    kept = still_wrong(memberships, labels, torch.tensor([1.0, 2.0, 1.0]))
+    assert kept.flatten().tolist() == [UNLABELLED, 2, UNLABELLED, 0, UNLABELLED]
+    plain = still_wrong(memberships, labels, torch.ones(3))
+    assert plain.flatten().tolist() == [1, UNLABELLED, UNLABELLED, 0, UNLABELLED]
+
+
+def test_a_stroke_that_confirms_a_too_large_lesion_does_not_grow_it(tiny_case):
+    """The shipped model draws the tiny case's lesion too large; a user marks the lesion from inside it.
+    With the label loss on every painted voxel, the round kept pushing lesion up there and spread it to the
+    unpainted neighbours (the walkthrough's weak spot); strokes that confirm the result do not push."""
+    spect, ct, truth = tiny_case
+    true_lesion = sitk.GetArrayFromImage(truth) == 2
+    model = load_model(None, "cpu")
+    grown = {}
+    for pull_confirmed in (False, True):
+        session = RefinementSession(spect, ct, model, "cpu", RefineSettings(pull_confirmed=pull_confirmed))
+        lesion = sitk.GetArrayFromImage(session.segment().labels) == 2
+        assert lesion.sum() > true_lesion.sum() and (lesion & true_lesion).any()  # too large, and found
+        inside = np.argwhere(lesion & true_lesion)
+        codes = np.zeros(lesion.shape, np.uint8)
+        codes[tuple(inside[np.random.default_rng(0).choice(len(inside), 20, replace=False)].T)] = 3
+        strokes = sitk.GetImageFromArray(codes)
+        strokes.CopyInformation(truth)
+        before = int(lesion.sum())
+        grown[pull_confirmed] = int((sitk.GetArrayFromImage(session.refine(strokes).labels) == 2).sum()) - before
+    print(f"lesion voxels added (of {before}): {grown[False]}; pulled on as well: {grown[True]}")
+    assert grown[False] <= 0.1 * before
+    assert grown[True] > 0.2 * before
+
+
+def test_confirming_strokes_are_those_right_both_where_the_series_started_and_now(tiny_case, untrained):
+    spect, ct, _ = tiny_case
+    session = RefinementSession(spect, ct, untrained, "cpu", FAST)
+    shape = session.case.valid.shape
+    start = torch.zeros((1, 3) + shape)
+    start[0, 0] = 1.0                                  # background everywhere where the series started
+    now = start.clone()
+    now[0, :, 0, 0, 1] = torch.tensor([0.0, 1.0, 0.0])  # a round turned this voxel to bone
+    now[0, :, 0, 0, 2] = torch.tensor([0.0, 1.0, 0.0])  # and this one
+    session._state.memberships = now
+    labels = np.full(shape, UNLABELLED, dtype=np.int64)
+    labels[0, 0, :4] = [0, 0, 1, 2]  # right at both; right at the start only; right now only; wrong at both
+    kept = session._unconfirmed(labels, start)
+    assert kept[0, 0, :4].tolist() == [UNLABELLED, 0, 1, 2]
+    assert (kept[labels == UNLABELLED] == UNLABELLED).all()

@@ -434,7 +434,7 @@ def test_still_wrong_keeps_the_painted_voxels_the_decision_labels_wrong():
 def test_a_stroke_that_confirms_a_too_large_lesion_does_not_grow_it(tiny_case):
     """The shipped model draws the tiny case's lesion too large; a user marks the lesion from inside it.
     With the label loss on every painted voxel, the round kept pushing lesion up there and spread it to the
-    unpainted neighbours (the walkthrough's weak spot); strokes that confirm the result do not push."""
+    unpainted neighbours (the walkthrough's weak spot); strokes that confirm the result pull only while wrong."""
     spect, ct, truth = tiny_case
     true_lesion = sitk.GetArrayFromImage(truth) == 2
     model = load_model(None, "cpu")
@@ -467,6 +467,15 @@ def test_confirming_strokes_are_those_right_both_where_the_series_started_and_no
     session._state.memberships = now
     labels = np.full(shape, UNLABELLED, dtype=np.int64)
     labels[0, 0, :4] = [0, 0, 1, 2]  # right at both; right at the start only; right now only; wrong at both
-    kept = session._unconfirmed(labels, start)
-    assert kept[0, 0, :4].tolist() == [UNLABELLED, 0, 1, 2]
-    assert (kept[labels == UNLABELLED] == UNLABELLED).all()
+    confirming = session._confirming(labels, start)
+    assert confirming[0, 0, :4].tolist() == [True, False, False, False]
+    assert confirming.sum() == 1
+
+
+def test_confirming_strokes_pull_only_while_wrong_and_correcting_strokes_always(session):
+    memberships = torch.tensor([[0.9, 0.05, 0.05], [0.1, 0.8, 0.1], [0.9, 0.05, 0.05], [0.1, 0.8, 0.1]]
+                               ).T.reshape(1, 3, 4, 1)
+    labels = torch.tensor([0, 0, 0, 0]).reshape(1, 4, 1)  # all painted background; right, wrong, right, wrong
+    confirming = torch.tensor([True, True, False, False]).reshape(1, 4, 1)
+    assert session._pulling(memberships, labels, confirming).flatten().tolist() == [UNLABELLED, 0, 0, 0]
+    assert session._pulling(memberships, labels, None).flatten().tolist() == [0, 0, 0, 0]

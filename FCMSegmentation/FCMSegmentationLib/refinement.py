@@ -65,13 +65,15 @@ class RefineSettings:
     beta, q: RFCM spatial weight and fuzzifier. crop: side of the random crops for RFCM (voxels); 40 and
     30 steps keep a round under Grow-from-seeds' time at 128^3 on 2 CPU cores (48 and 60 steps did not).
     pull_confirmed: whether painted voxels that both the current result and the one this series of refine
-    rounds started from (the anchor's reference) label as painted count in the label loss. False: such
-    confirming strokes only keep their class in the result. Adam's steps do not shrink with the loss, so
+    rounds started from (the anchor's reference) label as painted pull in the label loss even while they
+    stay right. False: such confirming strokes pull only while a step's memberships label them wrong; the
+    other strokes, which correct the result, pull throughout. Adam's steps do not shrink with the loss, so
     a confirmed voxel kept pushing its class up, and the head and offsets spread the push to its unpainted
     neighbours: a lesion stroke inside a lesion drawn too large grew it (scripts/render_walkthrough.py's
-    sample: lesion Dice 0.43 -> 0.37; now 0.43 -> 0.56). Decided per round, not step by step: voxels
-    leaving the loss as soon as they were right sat on the decision boundary, and repeated rounds with the
-    same strokes drifted away from the anchor (measured on the test case: ever further over 8 rounds).
+    sample: lesion Dice 0.43 -> 0.37; now 0.43 -> 0.55). Correcting strokes pull throughout because,
+    released whenever right, they sat on the decision boundary and repeated rounds with the same strokes
+    drifted ever further from the anchor (measured on the test case over 8 rounds); confirming strokes
+    still pull when wrong, or the other strokes eat the region they confirm.
     rfcm_channels / channel_weights: which input channels are the RFCM intensities (0 SPECT, 1 CT; CT
     is used only when present) and their weights. Default SPECT alone, as in training: CT's air /
     tissue / bone clusters do not match the classes. mode: "head" (fast) or "full" (whole network).
@@ -333,19 +335,27 @@ class RefinementSession:
             state.memberships = torch.cat(parts, dim=2)
         return state.memberships
 
-    def _unconfirmed(self, labels: np.ndarray, reference: torch.Tensor) -> np.ndarray:
-        """``labels`` without the painted voxels that both ``reference`` (1, K, Z, Y, X) and the current
+    def _confirming(self, labels: np.ndarray, reference: torch.Tensor) -> np.ndarray:
+        """Bool (Z, Y, X): the painted voxels that both ``reference`` (1, K, Z, Y, X) and the current
         memberships label as painted."""
         points = np.nonzero(labels != UNLABELLED)
         painted = torch.from_numpy(labels[points]).to(self.device)[None, :, None]  # (1, n, 1)
         index = (slice(None),) + tuple(torch.from_numpy(p).to(self.device) for p in points)
-        wrong = torch.zeros(painted.shape[1], dtype=torch.bool, device=self.device)
+        right = torch.ones(painted.shape[1], dtype=torch.bool, device=self.device)
         for memberships in (reference, self._state_memberships()):
             at = memberships[0][index][None, :, :, None]  # (1, K, n, 1)
-            wrong |= still_wrong(at, painted, self._decision_weights)[0, :, 0] != UNLABELLED
-        kept = labels.copy()
-        kept[points] = np.where(wrong.cpu().numpy(), labels[points], UNLABELLED)
-        return kept
+            right &= still_wrong(at, painted, self._decision_weights)[0, :, 0] == UNLABELLED
+        confirming = np.zeros(labels.shape, dtype=bool)
+        confirming[points] = right.cpu().numpy()
+        return confirming
+
+    def _pulling(self, memberships: torch.Tensor, labels: torch.Tensor, confirming: Optional[torch.Tensor]
+                 ) -> torch.Tensor:
+        """The painted ``labels`` the label loss counts this step: confirming voxels only while the
+        ``memberships`` label them wrong (see ``RefineSettings.pull_confirmed``)."""
+        if confirming is None:
+            return labels
+        return torch.where(confirming, still_wrong(memberships, labels, self._decision_weights), labels)
 
     def _anchor_reference(self, action: str) -> torch.Tensor:
         """(1, K, Z, Y, X) memberships the anchor term holds this call near: for refine, those before the
@@ -377,10 +387,9 @@ class RefinementSession:
         full = settings.mode == "full"
         train_progress = scaled(progress, 0.0, 0.6 if full else 0.95)
         reference = self._anchor_reference(action)
-        if not settings.pull_confirmed:
-            labels = self._unconfirmed(labels, reference)
-        final_loss, steps_run = self._optimise(trainee, offsets if train_offsets else None, cell, labels, reference,
-                                               settings, steps, full, train_progress, cancel)
+        confirming = None if settings.pull_confirmed else self._confirming(labels, reference)
+        final_loss, steps_run = self._optimise(trainee, offsets if train_offsets else None, cell, labels, confirming,
+                                               reference, settings, steps, full, train_progress, cancel)
         features = (self._compute_features(trainee.eval(), scaled(progress, 0.6, 0.95), cancel)
                     if full else self._state.features)
         check_cancel(cancel)
@@ -392,7 +401,7 @@ class RefinementSession:
         return self.segment()
 
     def _optimise(self, trainee: UNet, offsets: Optional[torch.Tensor], cell: int, labels: np.ndarray,
-                  reference: torch.Tensor, settings: RefineSettings,
+                  confirming: Optional[np.ndarray], reference: torch.Tensor, settings: RefineSettings,
                   steps: int, full: bool, progress: Optional[ProgressCallback], cancel: Optional[CancelToken]
                   ) -> Tuple[float, int]:
         """Fine-tune ``trainee`` (and ``offsets`` when given, in place); returns (last loss, steps run)."""
@@ -410,7 +419,8 @@ class RefinementSession:
         for step in range(steps):
             check_cancel(cancel)
             optimiser.zero_grad(set_to_none=True)
-            loss = self._step_loss(trainee, offsets, cell, labels, labelled, reference, settings, full, rng)
+            loss = self._step_loss(trainee, offsets, cell, labels, labelled, confirming, reference, settings, full,
+                                   rng)
             loss.backward()
             optimiser.step()
             loss_value = float(loss.detach())
@@ -420,8 +430,8 @@ class RefinementSession:
         return loss_value, step + 1
 
     def _step_loss(self, trainee: UNet, offsets: Optional[torch.Tensor], cell: int, labels: np.ndarray,
-                   labelled: np.ndarray, reference: torch.Tensor, settings: RefineSettings, full: bool,
-                   rng: np.random.Generator) -> torch.Tensor:
+                   labelled: np.ndarray, confirming: Optional[np.ndarray], reference: torch.Tensor,
+                   settings: RefineSettings, full: bool, rng: np.random.Generator) -> torch.Tensor:
         alpha, q = settings.alpha, settings.q
         region = self._sample_crop(labelled, rng, settings, multiple=trainee.size_multiple if full else 1)
         crop = (slice(None), slice(None)) + region
@@ -443,7 +453,9 @@ class RefinementSession:
         if alpha == 0 or len(labelled) == 0:
             return loss
         if full:  # label loss on the painted voxels inside this crop
-            crop_labels = torch.from_numpy(labels[region][None]).to(self.device)
+            crop_confirming = None if confirming is None else torch.from_numpy(confirming[region][None]).to(self.device)
+            crop_labels = self._pulling(memberships, torch.from_numpy(labels[region][None]).to(self.device),
+                                        crop_confirming)
             if (crop_labels != UNLABELLED).any():
                 loss = loss + alpha * balanced_label_loss(memberships, crop_labels, q)
             return loss
@@ -454,9 +466,13 @@ class RefinementSession:
                                                                                    points[:, 2]]).float()
         if offsets is not None:
             voxel_logits = voxel_logits + offsets_at(offsets, points, cell)
-        target = torch.from_numpy(labels[chosen[:, 0], chosen[:, 1], chosen[:, 2]]).to(self.device)
-        voxel_memberships = torch.softmax(voxel_logits, dim=0)
-        return loss + alpha * balanced_label_loss(voxel_memberships[None, :, :, None], target[None, :, None], q)
+        where = (chosen[:, 0], chosen[:, 1], chosen[:, 2])
+        target = torch.from_numpy(labels[where]).to(self.device)[None, :, None]
+        chosen_confirming = (None if confirming is None
+                             else torch.from_numpy(confirming[where]).to(self.device)[None, :, None])
+        voxel_memberships = torch.softmax(voxel_logits, dim=0)[None, :, :, None]
+        target = self._pulling(voxel_memberships, target, chosen_confirming)
+        return loss + alpha * balanced_label_loss(voxel_memberships, target, q)
 
     def _sample_crop(self, labelled: np.ndarray, rng: np.random.Generator, settings: RefineSettings,
                      multiple: int) -> Tuple[slice, ...]:

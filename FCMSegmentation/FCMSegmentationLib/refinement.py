@@ -445,7 +445,7 @@ class RefinementSession:
                          mask=self._mask[crop], channel_weights=self._channel_weights())
         if settings.anchor > 0:
             before = reference[crop]
-            # painted voxels are free to change: the strokes say they were wrong
+            # painted voxels are free to change: they keep their painted class in the result anyway
             mask = (self._anchored[crop] & torch.from_numpy(labels[region] == UNLABELLED)[None, None].to(self.device))
             mask = mask.to(memberships.dtype)
             change = ((memberships - before) ** 2).sum(dim=1, keepdim=True)

@@ -387,7 +387,7 @@ class RefinementSession:
         full = settings.mode == "full"
         train_progress = scaled(progress, 0.0, 0.6 if full else 0.95)
         reference = self._anchor_reference(action)
-        confirming = None if settings.pull_confirmed else self._confirming(labels, reference)
+        confirming = self._confirming(labels, reference) if action == "refine" and not settings.pull_confirmed else None
         final_loss, steps_run = self._optimise(trainee, offsets if train_offsets else None, cell, labels, confirming,
                                                reference, settings, steps, full, train_progress, cancel)
         features = (self._compute_features(trainee.eval(), scaled(progress, 0.6, 0.95), cancel)

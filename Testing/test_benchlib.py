@@ -205,24 +205,45 @@ def test_compare_models_reports_paired_differences_against_the_first_model(tmp_p
     assert difference["mean"] < 0  # random weights lose to the shipped model
 
 
-def test_compare_models_measures_the_lesion_filter_against_keeping_every_lesion(tmp_path):
+def ablation_scores(tmp_path, flag: str, suffix: str):
+    """The shipped model's score on one procedural validation phantom as shipped and with the step that
+    ``flag`` names left out (the reference), through ``compare_models``' report."""
     import json
 
     import compare_models
     from FCMSegmentationLib.modelfile import default_model_path
 
     model = str(default_model_path())
-    with pytest.raises(SystemExit):
-        compare_models.main([model, model, "--lesion-filter-ablation"])
     report = tmp_path / "selection.md"
-    assert compare_models.main([model, "--lesion-filter-ablation", "--procedural", "1", "--ct-derived", "0",
-                                "--report", str(report), "--section", "lesion_filter"]) == 0
-    kept = f"{model}, lesions outside bone kept"
-    assert f"`{model}` minus `{kept}`" in report.read_text()
-    results = json.loads((tmp_path / "results" / "lesion_filter.json").read_text())
-    filtered, unfiltered = (results["scores"][name][0] for name in (model, kept))
-    assert filtered["seed"] == unfiltered["seed"]
+    assert compare_models.main([model, flag, "--procedural", "1", "--ct-derived", "0",
+                                "--report", str(report), "--section", "ablation"]) == 0
+    reference = f"{model}, {suffix}"
+    assert f"`{model}` minus `{reference}`" in report.read_text()
+    results = json.loads((tmp_path / "results" / "ablation.json").read_text())
+    shipped, left_out = (results["scores"][name][0] for name in (model, reference))
+    assert shipped["seed"] == left_out["seed"]
+    return shipped, left_out
+
+
+def test_compare_models_needs_two_models_or_one_ablation():
+    import compare_models
+    from FCMSegmentationLib.modelfile import default_model_path
+
+    model = str(default_model_path())
+    for argv in ([model], [model, "--lesion-filter-ablation", "--cortex-ablation"]):
+        with pytest.raises(SystemExit):
+            compare_models.main(argv)
+
+
+def test_compare_models_measures_the_lesion_filter_against_keeping_every_lesion(tmp_path):
+    filtered, unfiltered = ablation_scores(tmp_path, "--lesion-filter-ablation", "lesions outside bone kept")
     assert filtered["bone"] >= unfiltered["bone"] - 0.01  # the filter only ever removes lesion voxels
+
+
+def test_compare_models_measures_the_cortex_completion_against_the_grid_s_bone(tmp_path):
+    completed, grid_only = ablation_scores(tmp_path, "--cortex-ablation", "no cortex completion")
+    assert completed["bone"] != grid_only["bone"]
+    assert completed["lesion"] == grid_only["lesion"]  # the completion turns background into bone only
 
 
 def test_recorded_lesions_are_found_by_their_component_and_grouped_by_size_and_coldness(tiny_case, truth_array):

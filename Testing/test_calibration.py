@@ -14,10 +14,11 @@ from FCMSegmentationLib.calibration import (
     weight_grid,
     write_calibrated_model,
 )
+from FCMSegmentationLib.cortex import complete_cortex
 from FCMSegmentationLib.errors import InputError, ModelError
 from FCMSegmentationLib.metrics import evaluate_images
 from FCMSegmentationLib.modelfile import LoadedModel, load_model, read_card, save_model
-from FCMSegmentationLib.preprocessing import labels_from_memberships
+from FCMSegmentationLib.preprocessing import dense_bone_mask, labels_from_memberships
 from FCMSegmentationLib.segmentation import segment
 
 
@@ -116,7 +117,10 @@ def test_segment_with_the_calibrated_card_delivers_the_calibrated_dice(calibrate
     # a lesion Dice undefined on every case counts 0 in the record (the objective needs a number)
     assert (0.0 if math.isnan(dice["lesion"]) else dice["lesion"]) == pytest.approx(record["lesion_dice"])
     plain = np.moveaxis(sitk.GetArrayFromImage(result.memberships), -1, 0)
-    assert np.array_equal(sitk.GetArrayFromImage(result.labels), labels_from_memberships(plain, decision["spect_ct"]))
+    decided = labels_from_memberships(plain, decision["spect_ct"])
+    completed = complete_cortex(decided, plain, dense_bone_mask(phantom.ct))
+    assert np.array_equal(sitk.GetArrayFromImage(result.labels), completed)
+    assert not np.array_equal(completed, decided)  # the cortex completion, which calibration scored, added bone
 
 
 def test_write_calibrated_model_keeps_the_weights_and_adds_the_decision(tmp_path, monkeypatch):

@@ -319,9 +319,9 @@ def report(docs: Path, data: Dict[str, Any], figure: Path, overlay: Optional[Pat
         "",
         "- **FCMSegmentation (SPECT+CT / SPECT only)**: `segment(spect, ct, model)` with the default model, "
         "labels by its card's calibrated decision weights (`fcmseg calibrate`, chosen on calibration "
-        "phantoms, not these cases) and lesions outside CT bone left out; "
-        "the SPECT-only run passes no CT (its output is on the SPECT grid and is resampled to the truth's "
-        "grid by nearest neighbour for scoring).",
+        "phantoms, not these cases), lesions outside CT bone left out and the dense bone edge that the "
+        "working grid rounds off completed from the CT (`cortex.py`); the SPECT-only run passes no CT (its "
+        "output is on the SPECT grid and is resampled to the truth's grid by nearest neighbour for scoring).",
         "- **Otsu on SPECT (2 thresholds)**: `sitk.OtsuMultipleThresholds` (2 thresholds, 256 bins) over all "
         "SPECT voxels; the thresholds are applied to the SPECT linearly resampled onto the CT grid (below t1 "
         "background, t1–t2 bone, above t2 lesion). On SPECT the two thresholds fall between air and soft "
@@ -354,9 +354,11 @@ def report(docs: Path, data: Dict[str, Any], figure: Path, overlay: Optional[Pat
         "strokes GrowCut cannot find bones that got no seed, and a lesion seed spreads along its bone.",
         f"- **{GRID_BOUND}**: not a method but the ceiling of the model's design: the truth's one-hot classes "
         "resampled linearly onto the model's working grid (`prepare_case`) and back onto the CT grid exactly "
-        "as the model's memberships are, then argmax; outside the SPECT field no lesion, and, for a model "
-        "that does not segment beyond the SPECT, only background. No model on that grid can do better; thin "
-        "cortex, ribs and small lesions are what it loses.",
+        "as the model's memberships are, then labelled as the model's are (argmax, then the dense bone edge "
+        "completed from the CT, `cortex.py`); outside the SPECT field no lesion, and, for a model that does "
+        "not segment beyond the SPECT, only background. No model on that grid can do better (a model's own "
+        "edge errors can still let the completion add a voxel the ceiling does not); thin cortex, ribs and "
+        "small lesions are what it loses.",
         f"- **{UPTAKE_BOUND}**: not a method either: the truth moved by the case's own simulated SPECT/CT "
         f"misregistration (up to {TRAINING_RANGES.misregistration_shift_mm[1]:g} mm and "
         f"{TRAINING_RANGES.misregistration_rotation_deg[1]:g}°, `phantoms.misregistration_transform`), "

@@ -8,17 +8,19 @@ edges one CT voxel too wide, bone hot spots called lesion. Weighting the members
 grid point with the largest mean bone Dice + mean lesion Dice, separately for SPECT+CT and SPECT-only
 input, and written into the model card, where :func:`segmentation.segment` and refinement sessions read
 them. The memberships themselves, the soft output, are unchanged. The lesion filter still picks its
-candidates by the plain argmax on the working grid.
+candidates by the plain argmax on the working grid; the cortex completion (:mod:`cortex`) follows the
+weighted decision, and calibration scores the labels with it, as segmentation gives them.
 """
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
 
+from .cortex import complete_cortex
 from .errors import InputError
 from .metrics import evaluate_images
 from .modelfile import LoadedModel, decision_key
-from .preprocessing import array_to_image, geometry_of, labels_from_memberships
+from .preprocessing import array_to_image, dense_bone_mask, geometry_of, labels_from_memberships
 from .progress import ProgressCallback, report
 from .validation import INPUTS, plan_phantoms, validation_plan
 
@@ -37,15 +39,20 @@ def weight_grid(background: Sequence[float] = BACKGROUND_WEIGHTS,
     return [(float(b), 1.0, float(les)) for b in background for les in lesion]
 
 
-def decision_dice(memberships: sitk.Image, truth: sitk.Image, grid: Sequence[Weights]) -> np.ndarray:
+def decision_dice(memberships: sitk.Image, truth: sitk.Image, grid: Sequence[Weights],
+                  dense_bone: Optional[np.ndarray] = None) -> np.ndarray:
     """Dice (G, 2: bone, lesion) of the labels each weight triple of ``grid`` gives from ``memberships``
     (a K-component image, as :class:`segmentation.SegmentationResult` holds), scored as the benchmarks
-    score: on the truth's grid."""
+    score: on the truth's grid. dense_bone: the case's dense CT on the memberships' grid (as
+    :class:`preprocessing.WorkingCase` holds it), to label as segmentation does, with the cortex completed."""
     stacked = np.moveaxis(sitk.GetArrayFromImage(memberships), -1, 0)
     reference = geometry_of(memberships)
     rows = []
     for weights in grid:
-        dice = evaluate_images(array_to_image(labels_from_memberships(stacked, weights), reference), truth)
+        labels = labels_from_memberships(stacked, weights)
+        if dense_bone is not None:
+            labels = complete_cortex(labels, stacked, dense_bone)
+        dice = evaluate_images(array_to_image(labels, reference), truth)
         rows.append((dice["bone"], dice["lesion"]))
     return np.asarray(rows, dtype=float)
 
@@ -104,8 +111,10 @@ def calibrate(
     scores: Dict[str, List[np.ndarray]] = {used: [] for used in inputs}
     for number, (kind, seed, phantom) in enumerate(plan_phantoms(plan, ct, bone_labels), start=1):
         for used in inputs:
-            result = segment(phantom.spect, phantom.ct if used == "spect_ct" else None, model, device=device)
-            scores[used].append(decision_dice(result.memberships, phantom.truth, grid))
+            with_ct = used == "spect_ct"
+            result = segment(phantom.spect, phantom.ct if with_ct else None, model, device=device)
+            dense_bone = dense_bone_mask(phantom.ct) if with_ct else None
+            scores[used].append(decision_dice(result.memberships, phantom.truth, grid, dense_bone))
         report(progress, number / len(plan), f"calibration phantom {number}/{len(plan)} ({kind}, seed {seed})")
     decision: Dict[str, Any] = {}
     record: Dict[str, Any] = {"procedural": procedural, "ct_derived": ct_derived, "seed_base": CALIBRATION_SEED_BASE,

@@ -60,7 +60,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
         model = load_model(args.model, device)
     with progress_bar("segment") as progress:
         result = segment(spect, ct, model, device=args.device, patch=args.patch, progress=progress,
-                         keep_lesions_outside_bone=args.keep_lesions_outside_bone)
+                         keep_lesions_outside_bone=args.keep_lesions_outside_bone,
+                         complete_cortex_edge=not args.no_cortex_completion)
     write_image(result.labels, output)
     if memberships_path is not None:
         write_image(result.memberships, memberships_path)
@@ -129,7 +130,8 @@ def cmd_refine(args: argparse.Namespace) -> int:
     settings = RefineSettings(mode=args.mode)
     with progress_bar("features") as progress:
         session = RefinementSession(spect, ct, model, args.device, settings, progress=progress,
-                                    keep_lesions_outside_bone=args.keep_lesions_outside_bone)
+                                    keep_lesions_outside_bone=args.keep_lesions_outside_bone,
+                                    complete_cortex_edge=not args.no_cortex_completion)
     with progress_bar("refine") as progress:
         result = session.refine(scribbles, steps=args.steps, alpha=args.alpha, progress=progress)
     return _finish_session(args, session, result, output, save_path)
@@ -143,7 +145,8 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     settings = RefineSettings(mode=args.mode)
     with progress_bar("features") as progress:
         session = RefinementSession(spect, ct, model, args.device, settings, progress=progress,
-                                    keep_lesions_outside_bone=args.keep_lesions_outside_bone)
+                                    keep_lesions_outside_bone=args.keep_lesions_outside_bone,
+                                    complete_cortex_edge=not args.no_cortex_completion)
     with progress_bar("adapt") as progress:
         result = session.adapt(steps=args.steps, progress=progress)
     return _finish_session(args, session, result, output, save_path)
@@ -218,9 +221,12 @@ def cmd_average(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_lesion_filter_argument(parser: argparse.ArgumentParser) -> None:
+def _add_ct_rule_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep-lesions-outside-bone", action="store_true",
                         help="keep predicted lesions that the CT shows are not in bone (by default they are left out)")
+    parser.add_argument("--no-cortex-completion", action="store_true",
+                        help="label bone as the network's working grid gives it, without putting back from the CT "
+                             "the dense bone edge that the grid rounds off")
 
 
 def _add_session_arguments(parser: argparse.ArgumentParser) -> None:
@@ -234,7 +240,7 @@ def _add_session_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--memberships", help="also write the soft memberships")
     parser.add_argument("--mode", choices=("head", "full"), default="head",
                         help="fine-tune the head on cached features (fast, default) or the whole network")
-    _add_lesion_filter_argument(parser)
+    _add_ct_rule_arguments(parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -249,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--device", default="auto", help="auto | cpu | cuda | mps (default auto)")
     seg.add_argument("--memberships", help="also write the soft memberships (one component per class)")
     seg.add_argument("--patch", type=int, default=96, help="sliding-window patch size in voxels")
-    _add_lesion_filter_argument(seg)
+    _add_ct_rule_arguments(seg)
     seg.add_argument("--random-weights", action="store_true",
                      help="use an untrained network (smoke tests only; output meaningless)")
     seg.set_defaults(handler=cmd_segment)

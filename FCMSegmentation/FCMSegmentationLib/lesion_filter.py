@@ -14,7 +14,7 @@ import numpy as np
 from scipy import ndimage
 
 from .metrics import lesion_components
-from .preprocessing import BACKGROUND, CT_WINDOW, LESION, WorkingCase
+from .preprocessing import BACKGROUND, CT_WINDOW, LESION, WorkingCase, box_around
 
 BONE_HU = 150.0
 MARGIN_MM = 3.0
@@ -44,14 +44,6 @@ def near_ct_bone(case: WorkingCase, margin_mm: float = MARGIN_MM, bone_hu: float
     return ndimage.binary_dilation(bone, structure=ball)
 
 
-def _box_around(mask: np.ndarray, pad: np.ndarray) -> Tuple[slice, ...]:
-    """The bounding box of ``mask``'s True voxels grown by ``pad`` voxels per axis, inside the array."""
-    where = np.argwhere(mask)
-    low = np.maximum(where.min(axis=0) - pad, 0)
-    high = np.minimum(where.max(axis=0) + pad + 1, mask.shape)
-    return tuple(slice(int(lo), int(hi)) for lo, hi in zip(low, high))
-
-
 def drop_lesions_outside_bone(memberships: np.ndarray, case: WorkingCase, margin_mm: float = MARGIN_MM,
                               min_fraction: float = MIN_FRACTION, keep: Optional[np.ndarray] = None
                               ) -> Tuple[np.ndarray, List[str]]:
@@ -69,7 +61,7 @@ def drop_lesions_outside_bone(memberships: np.ndarray, case: WorkingCase, margin
     if not lesion.any():
         return memberships, []
     # Only the lesions' surroundings matter: work in their bounding box (fast on large images).
-    box = _box_around(lesion, _radius_voxels(_spacing_zyx(case), margin_mm) + 2)
+    box = box_around(lesion, _radius_voxels(_spacing_zyx(case), margin_mm) + 2)
     components, count = lesion_components(lesion[box].astype(np.uint8), 1)
     index = np.arange(1, count + 1)
     near = near_ct_bone(case, margin_mm, box=box)

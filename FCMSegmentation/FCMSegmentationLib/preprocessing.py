@@ -14,10 +14,11 @@ Conventions (all arrays in SimpleITK's (z, y, x) index order):
     with CT dropped at random so it works on SPECT alone.
 * Outputs: memberships are resampled linearly onto the *output grid* (the CT's grid when given, else the
   SPECT's, geometry copied exactly) and labels are their argmax, weighted by the model's calibrated decision
-  weights; voxels outside the overlap are background.
+  weights, with the dense edge of bone completed from the CT (:mod:`cortex`); voxels outside the overlap
+  are background.
 """
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -33,6 +34,7 @@ SPECT_PERCENTILE = 99.5
 SPECT_CLIP = 5.0
 CT_WINDOW = (-1000.0, 2000.0)  # (offset, width): (HU - offset) / width
 CT_CLIP = 2.0
+DENSE_BONE_HU = 500.0  # cortex; soft tissue and contrast-enhanced blood stay below (see :mod:`cortex`)
 
 
 @dataclass
@@ -47,6 +49,8 @@ class WorkingCase:
     output_reference: an image carrying the output grid's geometry.
     spect_scale: the count value that maps to 1.0 in the SPECT channel.
     notes: human-readable remarks (partial overlap, replaced NaNs, ...), for the user to see.
+    dense_bone: bool (Z, Y, X) on the output grid, the CT above :data:`DENSE_BONE_HU` (None without a CT):
+    where :func:`cortex.complete_cortex` may add bone.
     """
 
     features: np.ndarray
@@ -57,6 +61,7 @@ class WorkingCase:
     has_ct: bool
     notes: List[str] = field(default_factory=list)
     beyond_spect: bool = False
+    dense_bone: Optional[np.ndarray] = None
 
     @property
     def segmented(self) -> np.ndarray:
@@ -213,7 +218,14 @@ def prepare_case(
         ct_norm = np.zeros_like(spect_norm)
         present = np.zeros_like(spect_norm)
     features = np.stack([spect_norm * valid, ct_norm, present]).astype(np.float32)
-    return WorkingCase(features, valid, grid, geometry_of(reference), scale, ct is not None, notes, beyond_spect)
+    dense_bone = dense_bone_mask(reference) if ct is not None else None
+    return WorkingCase(features, valid, grid, geometry_of(reference), scale, ct is not None, notes, beyond_spect,
+                       dense_bone)
+
+
+def dense_bone_mask(ct: sitk.Image) -> np.ndarray:
+    """Bool (Z, Y, X) on the CT's grid: the voxels above :data:`DENSE_BONE_HU`."""
+    return sitk.GetArrayViewFromImage(ct) > DENSE_BONE_HU
 
 
 def geometry_of(image: sitk.Image) -> sitk.Image:
@@ -228,6 +240,15 @@ def array_to_image(array: np.ndarray, grid: sitk.Image) -> sitk.Image:
     image = sitk.GetImageFromArray(array)
     image.CopyInformation(grid)
     return image
+
+
+def box_around(mask: np.ndarray, pad: Union[int, np.ndarray] = 0) -> Tuple[slice, ...]:
+    """The bounding box of ``mask``'s True voxels (it must have some) grown by ``pad`` voxels per axis,
+    inside the array."""
+    where = np.argwhere(mask)
+    low = np.maximum(where.min(axis=0) - pad, 0)
+    high = np.minimum(where.max(axis=0) + pad + 1, mask.shape)
+    return tuple(slice(int(lo), int(hi)) for lo, hi in zip(low, high))
 
 
 def memberships_to_output(memberships: np.ndarray, case: WorkingCase) -> np.ndarray:

@@ -6,6 +6,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from .cortex import complete_cortex
 from .errors import InputError
 from .inference import DEFAULT_PATCH, describe_device, estimate_run, resolve_device, run_with_fallback, sliding_window
 from .lesion_filter import drop_lesions_outside_bone
@@ -75,20 +76,25 @@ def predict_working(
 
 def result_from_working(memberships: np.ndarray, case: WorkingCase, device: str, notes: List[str],
                         decision_weights: Optional[Sequence[float]] = None,
-                        painted: Optional[np.ndarray] = None) -> SegmentationResult:
+                        painted: Optional[np.ndarray] = None, complete_cortex_edge: bool = True
+                        ) -> SegmentationResult:
     """Resample working-grid memberships onto the output grid; labels are their argmax, weighted by the
-    model's ``decision_weights`` (see :func:`preprocessing.labels_from_memberships`).
+    model's ``decision_weights`` (see :func:`preprocessing.labels_from_memberships`), with the dense edge
+    of bone completed from the CT (:mod:`cortex`) unless not ``complete_cortex_edge`` or there is no CT.
 
     painted: optional stroke codes on the output grid (0 unpainted, 1 background, 2 bone, 3 lesion);
     painted voxels keep their painted class, with membership 1, as in Slicer's Grow-from-seeds.
     """
     on_output = memberships_to_output(memberships, case)
-    if painted is not None and painted.any():
-        where = painted > 0
+    where = painted > 0 if painted is not None and painted.any() else None
+    if where is not None:
         on_output[:, where] = 0.0
         for code in np.unique(painted[where]):
             on_output[int(code) - 1][painted == code] = 1.0
-    labels = array_to_image(labels_from_memberships(on_output, decision_weights), case.output_reference)
+    labels = labels_from_memberships(on_output, decision_weights)
+    if complete_cortex_edge and case.dense_bone is not None:
+        labels = complete_cortex(labels, on_output, case.dense_bone, fixed=where)
+    labels = array_to_image(labels, case.output_reference)
     vector = sitk.GetImageFromArray(np.moveaxis(on_output, 0, -1), isVector=True)
     vector.CopyInformation(case.output_reference)
     return SegmentationResult(labels, vector, device, list(case.notes) + notes)
@@ -103,12 +109,15 @@ def segment(
     progress: Optional[ProgressCallback] = None,
     cancel: Optional[CancelToken] = None,
     keep_lesions_outside_bone: bool = False,
+    complete_cortex_edge: bool = True,
 ) -> SegmentationResult:
     """Segment bone and lesions in ``spect`` (and ``ct`` if given) with ``model`` (default: shipped one).
 
     Output is on the CT's grid when a CT is given, else on the SPECT's. With a CT, predicted lesions that
     are not in bone on the CT are left out (see :mod:`lesion_filter`) unless ``keep_lesions_outside_bone``.
-    Labels follow the model's calibrated decision weights; the memberships are the network's, unweighted.
+    Labels follow the model's calibrated decision weights, and with a CT the dense edge of bone that the
+    working grid rounds off is put back from the CT (see :mod:`cortex`) unless not ``complete_cortex_edge``;
+    the memberships are the network's, unweighted.
     """
     torch_device = resolve_device(device)
     loaded = model if isinstance(model, LoadedModel) else load_model(model, torch_device)
@@ -128,6 +137,6 @@ def segment(
         notes += dropped
     report(progress, 0.92, "resampling onto the output grid")
     result = result_from_working(memberships, case, describe_device(torch_device), notes,
-                                 loaded.decision_weights(case.has_ct))
+                                 loaded.decision_weights(case.has_ct), complete_cortex_edge=complete_cortex_edge)
     report(progress, 1.0, "done")
     return result

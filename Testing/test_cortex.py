@@ -64,14 +64,15 @@ def test_growth_follows_dense_voxels_only_while_they_connect_to_bone_within_reac
     assert (completed[:, 0, 0] == 0).all()
 
 
-def test_lesions_and_fixed_voxels_keep_their_labels_and_block_the_growth():
+def test_lesions_and_painted_background_keep_their_labels_and_block_the_growth():
     labels, memberships, dense = shelled_bone()
     labels[:, 5, 4] = 2  # a lesion at the bone's edge stays lesion
     dense[:, 5, 9:11] = True
     memberships[:, :, 5, 9:11] = np.array([0.5, 0.5, 0.0])[:, None, None]
-    fixed = np.zeros(SHAPE, bool)
-    fixed[:, 5, 8] = True  # painted background on the shell: the path to x = 9, 10 goes through it only
-    completed = complete_cortex(labels, memberships, dense, fixed=fixed)
+    # painted background on the shell (membership 1, as results give painted voxels): the path to x = 9, 10
+    # goes through it only
+    memberships[:, :, 5, 8] = np.array([1.0, 0.0, 0.0])[:, None]
+    completed = complete_cortex(labels, memberships, dense)
     assert (completed[:, 5, 4] == 2).all()
     assert (completed[:, 5, 8] == 0).all()
     assert (completed[:, 5, 9:11] == 0).all()

@@ -10,10 +10,9 @@ voxels lie on the bone's edge above 500 HU. After the decision, a background vox
   the network's bone, so a dense structure touching bone is not followed beyond that), and
 * it connects to a bone-labelled voxel through such voxels (6-connected).
 
-Painted voxels keep their painted class. The memberships, the soft output, are not changed.
+Painted voxels keep their painted class: the result gives them membership 1 for it, which puts painted
+background out of reach. The memberships, the soft output, are not changed.
 """
-from typing import Optional
-
 import numpy as np
 from scipy import ndimage
 
@@ -23,19 +22,17 @@ REACH = 0.1
 
 
 def complete_cortex(labels: np.ndarray, memberships: np.ndarray, dense_bone: np.ndarray,
-                    fixed: Optional[np.ndarray] = None, reach: float = REACH) -> np.ndarray:
+                    reach: float = REACH) -> np.ndarray:
     """Labels with the dense bone edge completed (see the module docstring).
 
     labels: uint8 (Z, Y, X), 0 background / 1 bone / 2 lesion. memberships: (K, Z, Y, X) on the same grid,
-    summing to 1 over K. dense_bone: bool (Z, Y, X), CT above the dense-bone level. fixed: optional bool
-    (Z, Y, X), voxels never to change (painted). Returns a new array; ``labels`` is not modified.
+    summing to 1 over K. dense_bone: bool (Z, Y, X), CT above the dense-bone level. Returns a new array;
+    ``labels`` is not modified.
     """
     if not (labels.shape == dense_bone.shape == memberships.shape[1:]):
         raise ValueError(f"shapes differ: labels {labels.shape}, memberships {memberships.shape}, "
                          f"dense bone {dense_bone.shape}")
     candidates = dense_bone & (labels == BACKGROUND) & (memberships[BACKGROUND] <= 1.0 - reach)
-    if fixed is not None:
-        candidates &= ~fixed
     out = labels.copy()
     if not candidates.any():
         return out

@@ -86,14 +86,14 @@ def result_from_working(memberships: np.ndarray, case: WorkingCase, device: str,
     painted voxels keep their painted class, with membership 1, as in Slicer's Grow-from-seeds.
     """
     on_output = memberships_to_output(memberships, case)
-    where = painted > 0 if painted is not None and painted.any() else None
-    if where is not None:
+    if painted is not None and painted.any():
+        where = painted > 0
         on_output[:, where] = 0.0
         for code in np.unique(painted[where]):
             on_output[int(code) - 1][painted == code] = 1.0
     labels = labels_from_memberships(on_output, decision_weights)
-    if complete_cortex_edge and case.dense_bone is not None:
-        labels = complete_cortex(labels, on_output, case.dense_bone, fixed=where)
+    if complete_cortex_edge and case.dense_bone is not None:  # painted background is out of its reach
+        labels = complete_cortex(labels, on_output, case.dense_bone)
     labels = array_to_image(labels, case.output_reference)
     vector = sitk.GetImageFromArray(np.moveaxis(on_output, 0, -1), isVector=True)
     vector.CopyInformation(case.output_reference)

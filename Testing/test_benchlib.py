@@ -68,6 +68,18 @@ def test_no_errors_no_strokes(tiny_case, truth_array):
     assert strokes == [] and not codes.any()
 
 
+def test_confirming_strokes_land_inside_regions_the_prediction_labels_right(tiny_case, truth_array):
+    spacing = tiny_case[2].GetSpacing()
+    codes, strokes = paint_strokes(truth_array, truth_array.copy(), spacing, 1, np.random.default_rng(0),
+                                   classes=(2,), confirming=True)
+    painted = codes > 0
+    assert len(strokes) == 1 and painted.any()
+    assert np.all(truth_array[painted] == 2) and np.all(codes[painted] == 3)
+    assert strokes[0].true_class == strokes[0].predicted_class == 2
+    with pytest.raises(ValueError, match="prediction to confirm"):
+        paint_strokes(truth_array, None, spacing, 1, np.random.default_rng(0), confirming=True)
+
+
 def test_seed_strokes_cover_every_class_and_respect_limits(tiny_case, truth_array):
     spect, ct, truth = tiny_case
     body = sitk.GetArrayFromImage(ct) > classical.BODY_HU

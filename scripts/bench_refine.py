@@ -13,7 +13,8 @@ simulated user (``benchlib/simulated_user.py``) paints ``--strokes`` short strok
 wrongly-labelled regions and the session refines on all strokes so far. Grow-from-seeds is run on the same
 cumulative strokes (and, for reference, in its own workflow: seeds first, then corrections of its own errors).
 The same is repeated on the accuracy benchmark's first ``--in-range-cases`` cases (training ranges: images
-like those the model was trained for).
+like those the model was trained for), and on its first ``--confirming-cases`` cases with a user who also
+confirms: each round one of the strokes goes inside the largest lesion the result already labels right.
 
 Writes the ``bench_refine`` section of <docs>/benchmarks.md, <docs>/figures/refine_dice_per_round.png and
 <docs>/results/bench_refine.json.
@@ -46,6 +47,8 @@ SHIFTED_SEED_OFFSET = 200
 SHIFTED_CT_SEED_OFFSET = 250
 SPEED_SEED_OFFSET = 300
 SEEDS_PER_CLASS = 3
+CORRECTS, CONFIRMS = "corrects", "confirms"  # the simulated users: strokes on errors only, or one confirming
+LESION_CLASS = 2
 GAIN_TARGET = 0.10
 REGRESSION_LIMIT = 0.01
 GROWCUT_MARGIN = 0.10
@@ -158,12 +161,16 @@ def run_speed(model, seed: int, size: int, repeats: int, correction_strokes: int
 
 # -------------------------------------------------------------------------------------------- accuracy
 
-def case_plans(shifted: int, in_range: int, have_ct: bool) -> List[Dict[str, Any]]:
+def case_plans(shifted: int, in_range: int, have_ct: bool, confirming: int = 0) -> List[Dict[str, Any]]:
     """The accuracy cases: ``shifted`` phantoms from ``SHIFTED_RANGES``, then the first ``in_range`` cases
-    of the accuracy benchmark (training ranges, the same seeds); each entry names its ``ranges``."""
-    plan = [dict(entry, ranges="shifted")
+    of the accuracy benchmark (training ranges, the same seeds), then its first ``confirming`` cases again
+    for the user who also confirms; each entry names its ``ranges`` and its ``user``."""
+    plan = [dict(entry, ranges="shifted", user=CORRECTS)
             for entry in held_out_plan(shifted, have_ct, (SHIFTED_SEED_OFFSET, SHIFTED_CT_SEED_OFFSET))]
-    return plan + [dict(entry, ranges="training") for entry in held_out_plan(in_range, have_ct, ACCURACY_SEED_OFFSETS)]
+    plan += [dict(entry, ranges="training", user=CORRECTS)
+             for entry in held_out_plan(in_range, have_ct, ACCURACY_SEED_OFFSETS)]
+    return plan + [dict(entry, ranges="training", user=CONFIRMS)
+                   for entry in held_out_plan(confirming, have_ct, ACCURACY_SEED_OFFSETS)]
 
 
 def run_accuracy_case(entry: Dict[str, Any], model, real_ct, real_labels, rounds: int, strokes_per_round: int,
@@ -206,10 +213,19 @@ def run_accuracy_case(entry: Dict[str, Any], model, real_ct, real_labels, rounds
     }]
     codes = np.zeros(truth_array.shape, np.uint8)
     stroke_log: List[Dict[str, Any]] = []
+    confirms = entry["user"] == CONFIRMS
     for number in range(1, rounds + 1):
-        new, strokes = paint_strokes(truth_array, prediction, spacing, strokes_per_round, rng,
+        new, strokes = paint_strokes(truth_array, prediction, spacing, strokes_per_round - int(confirms), rng,
                                      painted_codes=codes, allowed=fov)
         codes = np.where(new > 0, new, codes).astype(np.uint8)
+        if confirms:
+            new, confirming = paint_strokes(truth_array, prediction, spacing, 1, rng, painted_codes=codes,
+                                            allowed=fov, classes=(LESION_CLASS,), confirming=True)
+            if not confirming:  # no lesion labelled right yet: that stroke goes on an error instead
+                new, confirming = paint_strokes(truth_array, prediction, spacing, 1, rng, painted_codes=codes,
+                                                allowed=fov)
+            codes = np.where(new > 0, new, codes).astype(np.uint8)
+            strokes += confirming
         stroke_log += [dict(s.as_dict(), round=number) for s in strokes]
         start = time.perf_counter()
         if (codes > 0).any():
@@ -230,7 +246,8 @@ def run_accuracy_case(entry: Dict[str, Any], model, real_ct, real_labels, rounds
             "growcut_same_seconds": round(growcut_same.last_seconds, 3) if same is not None else None,
         })
     return {
-        "kind": entry["kind"], "seed": entry["seed"], "ranges": entry["ranges"], "session_seconds": round(session_seconds, 2),
+        "kind": entry["kind"], "seed": entry["seed"], "ranges": entry["ranges"], "user": entry["user"],
+        "session_seconds": round(session_seconds, 2),
         "truth_voxels": {"bone": int((truth_array == 1).sum()), "lesion": int((truth_array == 2).sum())},
         "params": {k: phantom.params.get(k) for k in ("psf_fwhm_mm", "count_density", "total_counts")},
         "rounds": history, "strokes": stroke_log,
@@ -324,20 +341,26 @@ def round_table(summary: Dict[str, Any], cases: List[Dict[str, Any]], rounds: in
     return markdown_table(header + ["new strokes / case", "refine s (median)"], rows)
 
 
-def in_range_part(block: Dict[str, Any], rounds: int, strokes: int) -> List[str]:
-    """The report's subsection on the training-range phantoms (the accuracy benchmark's first cases)."""
+def in_range_part(block: Dict[str, Any], rounds: int, strokes: int, confirming: bool = False) -> List[str]:
+    """The report's subsection on the training-range phantoms (the accuracy benchmark's first cases), with
+    the user who corrects or (``confirming``) the one who also confirms."""
     cases, summary = block["cases"], block["summary"]
     ours = summary[OURS]
     change = ", ".join(f"{name} {ours[0][name]['mean']:.3f} → {ours[rounds][name]['mean']:.3f}" for name in CLASSES
                        if ours[0][name]["mean"] is not None and ours[rounds][name]["mean"] is not None)
+    user = (f"A user who also confirms: each round {strokes - 1} strokes on errors as before and 1 inside the "
+            "largest lesion region the result already labels right (`paint_strokes(..., confirming=True)`; on "
+            "an error instead while no lesion is labelled right), as people also paint over what is right; "
+            "rounds and tools as before" if confirming else
+            f"Same user ({strokes} strokes per round), rounds and tools as on the shifted phantoms")
+    title = "a user who also confirms" if confirming else "the same simulated user"
     return [
-        f"### Accuracy with the same simulated user on training-range phantoms ({cases_label(cases)})",
+        f"### Accuracy with {title} on training-range phantoms ({cases_label(cases)})",
         "",
         f"Cases: the first {sum(c['kind'] == 'procedural' for c in cases)} procedural and "
         f"{sum(c['kind'] == 'ct' for c in cases)} CT-derived cases of the accuracy benchmark above (the same "
         "seeds, training ranges): images like those the model was trained for, rather than the shifted ones. "
-        f"Same user ({strokes} strokes per round), rounds and tools as on the shifted phantoms. Ours, round 0 → "
-        f"round {rounds}: {change}.",
+        f"{user}. Ours, round 0 → round {rounds}: {change}.",
         "",
         round_table(summary, cases, rounds),
         "",
@@ -450,6 +473,8 @@ def report(docs: Path, data: Dict[str, Any], figure: Path, json_path: Path) -> s
                         "session s"], case_rows),
         "",
         *(in_range_part(data["in_range"], rounds, data["strokes_per_round"]) if data["in_range"]["cases"] else []),
+        *(in_range_part(data["confirming"], rounds, data["strokes_per_round"], confirming=True)
+          if data["confirming"]["cases"] else []),
         f"Raw results: `{relative_to_docs(json_path, docs)}`.",
     ]
     return "\n".join(parts) + "\n"
@@ -460,6 +485,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--cases", type=int, default=None, help="shifted cases for accuracy (default 6; 1 with --quick)")
     parser.add_argument("--in-range-cases", type=int, default=None,
                         help="training-range cases (the accuracy benchmark's first ones; default 6, 1 with --quick)")
+    parser.add_argument("--confirming-cases", type=int, default=None,
+                        help="training-range cases for the user who also confirms (default 6, 1 with --quick)")
     parser.add_argument("--rounds", type=int, default=None, help="refinement rounds (default 3; 1 with --quick)")
     parser.add_argument("--strokes", type=int, default=4, help="strokes per round (default 4)")
     parser.add_argument("--speed-size", type=int, default=None, help="side of the speed volume (default 128; 64 with --quick)")
@@ -481,6 +508,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     quick = args.quick
     cases_count = args.cases if args.cases is not None else (1 if quick else 6)
     in_range_count = args.in_range_cases if args.in_range_cases is not None else (1 if quick else 6)
+    confirming_count = args.confirming_cases if args.confirming_cases is not None else (1 if quick else 6)
     rounds = args.rounds if args.rounds is not None else (1 if quick else 3)
     size = args.speed_size if args.speed_size is not None else (64 if quick else 128)
     repeats = args.repeats if args.repeats is not None else (1 if quick else 3)
@@ -495,14 +523,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"warning: working grid is {speed['working_grid_zyx']}, not {size}^3", file=sys.stderr)
     tqdm.write(f"speed medians (s): {speed['median_seconds']}")
 
-    plan = case_plans(cases_count, in_range_count, real_ct is not None)
+    plan = case_plans(cases_count, in_range_count, real_ct is not None, confirming_count)
     done = []
     for entry in tqdm(plan, desc="refine cases", unit="case"):
         done.append(run_accuracy_case(entry, model, real_ct, real_labels, rounds, args.strokes, quick))
         trace = " -> ".join(f"{r[OURS]['bone']:.2f}/{r[OURS]['lesion']:.2f}" for r in done[-1]["rounds"])
-        tqdm.write(f"{entry['ranges']} {entry['kind']} {entry['seed']}: bone/lesion {trace}")
+        tqdm.write(f"{entry['ranges']} {entry['kind']} {entry['seed']} (user {entry['user']}): bone/lesion {trace}")
     cases = [case for case in done if case["ranges"] == "shifted"]
-    in_range = [case for case in done if case["ranges"] == "training"]
+    in_range = [case for case in done if case["ranges"] == "training" and case["user"] == CORRECTS]
+    confirming = [case for case in done if case["user"] == CONFIRMS]
     summary = summarise_rounds(cases, rounds)
     data = {
         "benchmark": SECTION, "machine": machine_line(), "command": command_line(), "model": model_description,
@@ -510,6 +539,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         "total_seconds": time.perf_counter() - started,
         "speed": speed, "summary": summary, "criteria": criteria(summary, rounds), "cases": cases,
         "in_range": {"summary": summarise_rounds(in_range, rounds) if in_range else None, "cases": in_range},
+        "confirming": {"summary": summarise_rounds(confirming, rounds) if confirming else None, "cases": confirming},
     }
     json_path = write_json(docs / "results" / "bench_refine.json", data)
     figure = dice_figure(summary, rounds, docs / "figures" / "refine_dice_per_round.png",

@@ -18,7 +18,9 @@ entirely inside one wrongly-labelled connected region and painted with that regi
   along the principal axis of that cross-section, and stops where the region ends.
 
 With ``prediction=None`` nothing is labelled yet: the user paints *seeds* — strokes inside the largest
-regions of each class including background (what one paints before Slicer's Grow-from-seeds).
+regions of each class including background (what one paints before Slicer's Grow-from-seeds). With
+``confirming=True`` the user paints inside the largest regions the prediction already labels right
+(``truth == prediction == k``), confirming them, as people also do.
 
 Codes (the engine's scribbles convention): 0 none, 1 background, 2 bone, 3 lesion.
 """
@@ -122,8 +124,8 @@ def paint_strokes(truth: np.ndarray, prediction: Optional[np.ndarray], spacing_x
                   rng: np.random.Generator, painted_codes: Optional[np.ndarray] = None,
                   allowed: Optional[np.ndarray] = None, length_mm: Sequence[float] = (5.0, 15.0),
                   radius_voxels: int = 1, min_component_voxels: int = 4, spread_mm: Optional[float] = None,
-                  classes: Optional[Sequence[int]] = None, class_allowed: Optional[Dict[int, np.ndarray]] = None
-                  ) -> Tuple[np.ndarray, List[Stroke]]:
+                  classes: Optional[Sequence[int]] = None, class_allowed: Optional[Dict[int, np.ndarray]] = None,
+                  confirming: bool = False) -> Tuple[np.ndarray, List[Stroke]]:
     """Up to ``count`` new strokes as a uint8 code array (0 none, 1 background, 2 bone, 3 lesion) of
     ``truth``'s shape, and their descriptions. See the module docstring.
 
@@ -133,11 +135,13 @@ def paint_strokes(truth: np.ndarray, prediction: Optional[np.ndarray], spacing_x
     so repeated strokes in one region spread out. allowed: where strokes may go (e.g. the
     SPECT's field of view; None = everywhere). class_allowed: further limits for strokes of one true class
     (e.g. background seeds only inside the body, where a person paints them). classes: the classes served round-robin (default (1, 2)
-    for corrections, (0, 1, 2) for seeds).
+    for corrections, (0, 1, 2) for seeds). confirming: paint inside regions the prediction labels right.
     """
     truth = np.asarray(truth)
     spacing_zyx = np.asarray(spacing_xyz, dtype=float)[::-1]
     seeding = prediction is None
+    if seeding and confirming:
+        raise ValueError("confirming strokes need a prediction to confirm")
     spread_mm = (25.0 if seeding else 10.0) if spread_mm is None else float(spread_mm)
     classes = tuple(classes) if classes is not None else ((0, 1, 2) if seeding else (1, 2))
     painted = np.zeros(truth.shape, bool)
@@ -150,9 +154,10 @@ def paint_strokes(truth: np.ndarray, prediction: Optional[np.ndarray], spacing_x
         return codes, strokes
 
     # candidate regions, per served class k: "missed" (truth k, predicted otherwise: false negatives) and
-    # "false" (predicted k, truth otherwise: false positives); "seed" (truth k) when painting seeds
+    # "false" (predicted k, truth otherwise: false positives); "seed" (truth k) when painting seeds;
+    # "right" (truth and prediction k) when confirming
     queues: Dict[Tuple[int, str], List[Tuple[int, int, Optional[int], tuple]]] = {}
-    pairs = ([(t, None) for t in classes] if seeding else
+    pairs = ([(t, None) for t in classes] if seeding else [(t, t) for t in classes] if confirming else
              [(t, p) for t in range(3) for p in range(3) if t != p])
     for t, p in pairs:
         mask = (truth == t) & allowed & ~painted
@@ -164,8 +169,8 @@ def paint_strokes(truth: np.ndarray, prediction: Optional[np.ndarray], spacing_x
             continue
         for size, box, label_id, labelled in _components(mask, min_component_voxels):
             region = (size, t, p, (box, label_id, labelled))
-            if seeding:
-                queues.setdefault((t, "seed"), []).append(region)
+            if seeding or confirming:
+                queues.setdefault((t, "seed" if seeding else "right"), []).append(region)
                 continue
             if t in classes:
                 queues.setdefault((t, "missed"), []).append(region)
@@ -176,8 +181,8 @@ def paint_strokes(truth: np.ndarray, prediction: Optional[np.ndarray], spacing_x
 
     def kinds_of(k: int) -> List[str]:
         """The class's queues, the one with the largest region first (then they alternate)."""
-        if seeding:
-            return ["seed"]
+        if seeding or confirming:
+            return ["seed" if seeding else "right"]
         present = [kind for kind in ("missed", "false") if queues.get((k, kind))]
         return sorted(present, key=lambda kind: -queues[(k, kind)][0][0])
 

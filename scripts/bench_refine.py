@@ -48,7 +48,6 @@ SHIFTED_CT_SEED_OFFSET = 250
 SPEED_SEED_OFFSET = 300
 SEEDS_PER_CLASS = 3
 CORRECTS, CONFIRMS = "corrects", "confirms"  # the simulated users: strokes on errors only, or one confirming
-LESION_CLASS = 2
 GAIN_TARGET = 0.10
 REGRESSION_LIMIT = 0.01
 GROWCUT_MARGIN = 0.10
@@ -176,6 +175,7 @@ def case_plans(shifted: int, in_range: int, have_ct: bool, confirming: int = 0) 
 def run_accuracy_case(entry: Dict[str, Any], model, real_ct, real_labels, rounds: int, strokes_per_round: int,
                       quick: bool) -> Dict[str, Any]:
     from FCMSegmentationLib.phantoms import SHIFTED_RANGES, TRAINING_RANGES, generate_phantom
+    from FCMSegmentationLib.preprocessing import LESION
     from FCMSegmentationLib.refinement import RefinementSession
 
     ranges = SHIFTED_RANGES if entry["ranges"] == "shifted" else TRAINING_RANGES
@@ -220,7 +220,7 @@ def run_accuracy_case(entry: Dict[str, Any], model, real_ct, real_labels, rounds
         codes = np.where(new > 0, new, codes).astype(np.uint8)
         if confirms:
             new, confirming = paint_strokes(truth_array, prediction, spacing, 1, rng, painted_codes=codes,
-                                            allowed=fov, classes=(LESION_CLASS,), confirming=True)
+                                            allowed=fov, classes=(LESION,), confirming=True)
             if not confirming:  # no lesion labelled right yet: that stroke goes on an error instead
                 new, confirming = paint_strokes(truth_array, prediction, spacing, 1, rng, painted_codes=codes,
                                                 allowed=fov)

@@ -99,6 +99,21 @@ def test_dense_bone_mask_thresholds_the_ct_in_hounsfield_units():
     assert dense_bone_mask(sitk.GetImageFromArray(hu)).ravel().tolist() == [False, False, True, True]
 
 
+def test_decide_labels_weights_the_argmax_then_completes_the_cortex_where_the_ct_is_given():
+    from FCMSegmentationLib.preprocessing import labels_from_memberships
+    from FCMSegmentationLib.segmentation import decide_labels
+
+    _, memberships, dense = shelled_bone()
+    weights = (0.5, 1.0, 1.0)  # the shell's bone (0.4) now beats its weighted background (0.3)
+    weighted = labels_from_memberships(memberships, weights)
+    assert np.array_equal(decide_labels(memberships, weights), weighted)
+    assert (weighted[shell_mask()] == 1).all()
+    plain = decide_labels(memberships)
+    assert (plain[shell_mask()] == 0).all()
+    assert np.array_equal(decide_labels(memberships, None, dense), complete_cortex(plain, memberships, dense))
+    assert (decide_labels(memberships, None, dense)[shell_mask()] == 1).all()
+
+
 def _case_on_its_own_grid(dense: np.ndarray) -> WorkingCase:
     grid = sitk.Image(SHAPE[::-1], sitk.sitkUInt8)
     features = np.zeros((3,) + SHAPE, np.float32)

@@ -16,11 +16,10 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 import SimpleITK as sitk
 
-from .cortex import complete_cortex
 from .errors import InputError
 from .metrics import evaluate_images
 from .modelfile import LoadedModel, decision_key
-from .preprocessing import array_to_image, dense_bone_mask, geometry_of, labels_from_memberships
+from .preprocessing import array_to_image, dense_bone_mask, geometry_of
 from .progress import ProgressCallback, report
 from .validation import INPUTS, plan_phantoms, validation_plan
 
@@ -45,14 +44,13 @@ def decision_dice(memberships: sitk.Image, truth: sitk.Image, grid: Sequence[Wei
     (a K-component image, as :class:`segmentation.SegmentationResult` holds), scored as the benchmarks
     score: on the truth's grid. dense_bone: the case's dense CT on the memberships' grid (as
     :class:`preprocessing.WorkingCase` holds it), to label as segmentation does, with the cortex completed."""
+    from .segmentation import decide_labels
+
     stacked = np.moveaxis(sitk.GetArrayFromImage(memberships), -1, 0)
     reference = geometry_of(memberships)
     rows = []
     for weights in grid:
-        labels = labels_from_memberships(stacked, weights)
-        if dense_bone is not None:
-            labels = complete_cortex(labels, stacked, dense_bone)
-        dice = evaluate_images(array_to_image(labels, reference), truth)
+        dice = evaluate_images(array_to_image(decide_labels(stacked, weights, dense_bone), reference), truth)
         rows.append((dice["bone"], dice["lesion"]))
     return np.asarray(rows, dtype=float)
 

@@ -74,6 +74,15 @@ def predict_working(
     return mask_outside_field_of_view(memberships, case)
 
 
+def decide_labels(memberships: np.ndarray, decision_weights: Optional[Sequence[float]] = None,
+                  dense_bone: Optional[np.ndarray] = None) -> np.ndarray:
+    """Hard labels (uint8 (Z, Y, X)) from output-grid memberships (K, Z, Y, X) as Segment and Refine give
+    them, and as calibration scores them: the argmax weighted by ``decision_weights``, then, where
+    ``dense_bone`` (the CT's dense voxels) is given, the dense edge of bone completed (:mod:`cortex`)."""
+    labels = labels_from_memberships(memberships, decision_weights)
+    return labels if dense_bone is None else complete_cortex(labels, memberships, dense_bone)
+
+
 def result_from_working(memberships: np.ndarray, case: WorkingCase, device: str, notes: List[str],
                         decision_weights: Optional[Sequence[float]] = None,
                         painted: Optional[np.ndarray] = None, complete_cortex_edge: bool = True
@@ -91,9 +100,8 @@ def result_from_working(memberships: np.ndarray, case: WorkingCase, device: str,
         on_output[:, where] = 0.0
         for code in np.unique(painted[where]):
             on_output[int(code) - 1][painted == code] = 1.0
-    labels = labels_from_memberships(on_output, decision_weights)
-    if complete_cortex_edge and case.dense_bone is not None:  # painted background is out of its reach
-        labels = complete_cortex(labels, on_output, case.dense_bone)
+    # painted background (membership 1) is out of the cortex completion's reach
+    labels = decide_labels(on_output, decision_weights, case.dense_bone if complete_cortex_edge else None)
     labels = array_to_image(labels, case.output_reference)
     vector = sitk.GetImageFromArray(np.moveaxis(on_output, 0, -1), isVector=True)
     vector.CopyInformation(case.output_reference)

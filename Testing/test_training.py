@@ -44,6 +44,39 @@ def test_random_crop_pads_and_can_drop_ct(tiny_case):
     assert (labels == 2).any()  # centred on a lesion
 
 
+def test_random_crop_scales_the_spect_by_one_gain_per_crop_of_the_chosen_spread(tiny_case):
+    case = prepare_training_case(*tiny_case)
+
+    def gains(sd):
+        out = []
+        for seed in range(40):
+            plain, _, _ = random_crop(case, 24, np.random.default_rng(seed), 1.0, ct_dropout=0.0, spect_gain_sd=0.0)
+            scaled, _, labels = random_crop(case, 24, np.random.default_rng(seed), 1.0, ct_dropout=0.0,
+                                            spect_gain_sd=sd)
+            np.testing.assert_array_equal(scaled[1:], plain[1:])  # the CT channels are left alone
+            counts = plain[0] > 0
+            ratio = scaled[0][counts] / plain[0][counts]
+            np.testing.assert_allclose(ratio, ratio[0], rtol=1e-5)  # one gain for the whole crop
+            out.append(float(np.log(ratio[0])))
+        return np.array(out)
+
+    assert np.all(gains(0.0) == 0.0)
+    narrow, wide = gains(0.1), gains(0.4)
+    assert 0.05 < narrow.std() < 0.15 and 0.25 < wide.std() < 0.6
+    assert np.allclose(wide, 4 * narrow, atol=1e-5)  # same draws, only the spread differs: runs stay reproducible
+
+
+def test_spect_gain_spread_is_a_training_option_with_a_checked_range(tmp_path):
+    from FCMSegmentationLib.cli import build_parser, train_config_from_args
+    from FCMSegmentationLib.errors import InputError
+
+    base = ["train", "--out", str(tmp_path / "m.pt")]
+    assert train_config_from_args(build_parser().parse_args(base)).spect_gain_sd == 0.1
+    assert train_config_from_args(build_parser().parse_args(base + ["--spect-gain-sd", "0.35"])).spect_gain_sd == 0.35
+    with pytest.raises(InputError, match="gain"):
+        train_config_from_args(build_parser().parse_args(base + ["--spect-gain-sd", "-0.1"]))
+
+
 def test_label_loss_class_balance_interpolates_between_plain_and_per_class_means():
     u = torch.softmax(torch.randn(1, 3, 10, 10), dim=1)
     labels = torch.zeros(1, 10, 10, dtype=torch.long)

@@ -173,7 +173,7 @@ def train_config_from_args(args: argparse.Namespace):
         steps=args.steps, batch=args.batch, crop=args.crop, learning_rate=args.lr, alpha=args.alpha,
         beta=args.beta, unsupervised=args.unsupervised, class_balance=args.class_balance, device=args.device, threads=args.threads,
         checkpoint_every=args.checkpoint_every, channels=tuple(args.channels), init=args.init,
-        spect_truncation=args.spect_truncation,
+        spect_truncation=args.spect_truncation, spect_gain_sd=args.spect_gain_sd,
         **({"spacing_mm": args.spacing} if args.spacing is not None else {}),
     )
 
@@ -313,6 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--spect-truncation", type=float, default=0.0,
                     help="probability that a crop's SPECT ends at a random axial plane; above 0 the model also "
                          "learns bone beyond the SPECT field, from the CT alone, and segments it (default 0)")
+    tr.add_argument("--spect-gain-sd", type=float, default=0.1,
+                    help="SD of the log of each crop's random SPECT gain, so that the model does not depend on "
+                         "the intensity the SPECT's normalisation gives bone (default 0.1, about +-10%%)")
     tr.set_defaults(handler=cmd_train)
 
     cal = commands.add_parser("calibrate", help="choose a model's decision weights on calibration phantoms "

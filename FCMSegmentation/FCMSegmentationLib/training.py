@@ -62,6 +62,7 @@ class TrainConfig:
     class_balance: float = 0.5
     ct_dropout: float = 0.3
     spect_truncation: float = 0.0  # > 0: learn bone beyond the SPECT field (see prepare_training_case)
+    spect_gain_sd: float = 0.1  # SD of the log of a crop's random SPECT gain (see random_crop)
     lesion_crop_fraction: float = 0.5
     channels: Tuple[int, ...] = (16, 32, 64, 128)
     norm: str = "batch"
@@ -82,6 +83,8 @@ class TrainConfig:
             raise InputError(f"spacing must be a positive number of mm, got {self.spacing_mm}")
         if not 0.0 <= self.spect_truncation <= 1.0:
             raise InputError(f"spect truncation is a probability in [0, 1], got {self.spect_truncation}")
+        if not 0.0 <= self.spect_gain_sd <= 1.0:
+            raise InputError(f"spect gain SD is the SD of a log gain, in [0, 1], got {self.spect_gain_sd}")
 
     @property
     def beyond_spect(self) -> bool:
@@ -174,12 +177,16 @@ def build_cases(plan: Sequence[Tuple[str, int]], config: TrainConfig, real_ct: R
 
 
 def random_crop(case: TrainingCase, crop: int, rng: np.random.Generator, lesion_fraction: float,
-                ct_dropout: float, spect_truncation: float = 0.0) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+                ct_dropout: float, spect_truncation: float = 0.0, spect_gain_sd: float = 0.1
+                ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A (features, valid, labels) crop of side ``crop``, zero/ignore-padded, with augmentation.
 
     spect_truncation: probability that the SPECT ends at a random axial plane of the crop, as where a
     SPECT field is shorter than the CT: beyond it the SPECT is 0 and lesions are ignored. A cut that
     would leave the crop no SPECT voxel is not made (the RFCM term needs some).
+    spect_gain_sd: the SPECT channel is multiplied by ``exp(N(0, spect_gain_sd))``: the reference that
+    normalises the SPECT (its 99.5th percentile) sits at another multiple of the bone uptake in every
+    image (noise, hot organs, field of view), and the model should not depend on where.
     """
     shape = np.array(case.valid.shape)
     if len(case.lesion_voxels) and rng.random() < lesion_fraction:
@@ -208,7 +215,7 @@ def random_crop(case: TrainingCase, crop: int, rng: np.random.Generator, lesion_
         labels[~valid] = IGNORE  # with neither SPECT nor CT there is nothing to learn from
     if rng.random() < 0.5:  # left-right mirror: anatomy is roughly symmetric
         features, valid, labels = features[..., ::-1], valid[..., ::-1], labels[..., ::-1]
-    gain = float(np.exp(rng.normal(0.0, 0.1)))  # residual SPECT scale jitter after normalisation
+    gain = float(np.exp(rng.normal(0.0, spect_gain_sd)))
     features = features.copy()
     features[0] *= gain
     return features, valid.copy(), labels.copy()
@@ -217,7 +224,8 @@ def random_crop(case: TrainingCase, crop: int, rng: np.random.Generator, lesion_
 def make_batch(cases: Sequence[TrainingCase], config: TrainConfig, rng: np.random.Generator,
                device: torch.device) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     crops = [random_crop(cases[rng.integers(len(cases))], config.crop, rng, config.lesion_crop_fraction,
-                         config.ct_dropout, config.spect_truncation) for _ in range(config.batch)]
+                         config.ct_dropout, config.spect_truncation, config.spect_gain_sd)
+             for _ in range(config.batch)]
     features, valid, labels = (torch.from_numpy(np.stack(parts)).to(device) for parts in zip(*crops))
     return features, valid[:, None], labels
 

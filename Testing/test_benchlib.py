@@ -217,6 +217,47 @@ def test_compare_models_reports_paired_differences_against_the_first_model(tmp_p
     assert difference["mean"] < 0  # random weights lose to the shipped model
 
 
+def test_normalisation_moved_multiplies_the_normalised_spect_only_while_active(tiny_case):
+    from benchlib.spect_scale import normalisation_moved
+    from FCMSegmentationLib.preprocessing import SPECT_CLIP, prepare_case
+
+    spect, ct, _ = tiny_case
+    plain = prepare_case(spect, ct).features
+    with normalisation_moved(1.0):
+        np.testing.assert_array_equal(prepare_case(spect, ct).features, plain)
+    with normalisation_moved(0.5):
+        halved = prepare_case(spect, ct).features
+    np.testing.assert_allclose(halved[0], plain[0] * 0.5, rtol=1e-6)
+    np.testing.assert_array_equal(halved[1:], plain[1:])  # the CT is untouched
+    with normalisation_moved(100.0):
+        assert prepare_case(spect, ct).features[0].max() == pytest.approx(SPECT_CLIP)  # clipped as usual
+    np.testing.assert_array_equal(prepare_case(spect, ct).features, plain)  # restored afterwards
+    with pytest.raises(ValueError, match="positive"):
+        with normalisation_moved(0.0):
+            pass
+
+
+def test_compare_models_scores_every_model_again_with_the_spect_normalisation_moved(tmp_path, random_model):
+    import json
+
+    import compare_models
+    from FCMSegmentationLib.modelfile import default_model_path, save_model
+
+    untrained = tmp_path / "untrained.pt"
+    save_model(untrained, random_model.network, random_model.card)
+    report = tmp_path / "selection.md"
+    shipped = str(default_model_path())
+    assert compare_models.main([shipped, str(untrained), "--procedural", "1", "--ct-derived", "0",
+                                "--spect-gains", "0.25", "--report", str(report)]) == 0
+    assert "With the SPECT's normalisation moved" in report.read_text()
+    results = json.loads((tmp_path / "results" / "compare_models.json").read_text())
+    plain, moved = results["scores"][shipped][0], results["spect_gains"]["0.25"]["scores"][shipped][0]
+    assert plain["seed"] == moved["seed"]
+    assert (plain["bone"], plain["lesion"]) != (moved["bone"], moved["lesion"])  # the model sees another SPECT
+    with pytest.raises(SystemExit):
+        compare_models.main([shipped, "--cortex-ablation", "--spect-gains", "0.5"])
+
+
 def ablation_scores(tmp_path, flag: str, suffix: str):
     """The shipped model's score on one procedural validation phantom as shipped and with the step that
     ``flag`` names left out (the reference), through ``compare_models``' report."""

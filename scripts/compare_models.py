@@ -13,9 +13,12 @@ results/<section>.json beside it.
     python scripts/compare_models.py A.pt B.pt --procedural 2 --ct-derived 1 --report out/cmp.md  # quick look
     python scripts/compare_models.py MODEL.pt --lesion-filter-ablation --section lesion_filter  # filter's effect
     python scripts/compare_models.py MODEL.pt --cortex-ablation --section cortex_completion  # completion's effect
+    python scripts/compare_models.py A.pt B.pt --spect-gains 0.5 0.7 1.4 2  # also with the SPECT normalisation moved
 
 With an ablation flag every model is scored as shipped and the reference is the first model with that step
-left out.
+left out. With ``--spect-gains`` every model is scored again with its normalised SPECT multiplied by each
+gain (``benchlib.spect_scale``: as if the image's 99.5th percentile sat elsewhere relative to its bone
+uptake, as on another scanner or simulator), and a further table gives Dice per gain.
 """
 import argparse
 import sys
@@ -28,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib.common import (  # noqa: E402
     REPO, command_line, machine_line, markdown_table, read_real_ct, write_json, write_section,
 )
+from benchlib.spect_scale import normalisation_moved  # noqa: E402
 
 SECTION = "compare_models"
 # --flag: (the reference's name suffix, what segment() is told to leave out)
@@ -81,6 +85,33 @@ def format_report(names: Sequence[str], summaries: Mapping[str, Dict[str, Any]],
     return "\n".join(parts) + "\n"
 
 
+def _scores_as_json(scores: Mapping[str, Sequence[Any]]) -> Dict[str, List[Dict[str, Any]]]:
+    return {name: [asdict(score) for score in case_scores] for name, case_scores in scores.items()}
+
+
+def format_gain_report(names: Sequence[str], by_gain: Mapping[float, Mapping[str, Any]]) -> str:
+    """Markdown: SPECT+CT Dice of every model at every SPECT gain, and each model minus the first at the
+    same gain. by_gain: {gain: {"summaries": ..., "differences": ...}} as the main comparison holds them."""
+    reference = names[0]
+    rows = []
+    for gain, entry in sorted(by_gain.items()):
+        for name in names:
+            summary = entry["summaries"][name]
+            kinds = summary["by_kind"]
+            row = [f"{gain:g}", f"`{name}`"] + [_number(summary[f"spect_ct_{cls}_dice"]) for cls in ("bone", "lesion")]
+            row += [_number(kinds.get(kind, {}).get("spect_ct_lesion_dice")) for kind in ("procedural", "ct")]
+            if name != reference:
+                row += [_difference(entry["differences"][name][f"spect_ct_{cls}"]["all"]) for cls in ("bone", "lesion")]
+            else:
+                row += ["(reference)", "(reference)"]
+            rows.append(row)
+    header = ["SPECT gain", "model", "bone", "lesion", "procedural lesion", "CT-derived lesion",
+              f"bone minus `{reference}`", f"lesion minus `{reference}`"]
+    return ("\nWith the SPECT's normalisation moved (SPECT+CT input; the normalised SPECT multiplied by the gain, "
+            "as if its 99.5th percentile sat at another multiple of the bone uptake; gain 1 is the table above), "
+            "mean Dice and paired differences [95 % bootstrap interval]:\n\n" + markdown_table(header, rows) + "\n")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("models", nargs="+", help="model files; the first is the reference")
@@ -91,6 +122,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--procedural", type=int, default=16, help="procedural validation phantoms")
     parser.add_argument("--ct-derived", type=int, default=8, help="CT-derived validation phantoms (real CT)")
     parser.add_argument("--spect-only", action="store_true", help="also score each model without the CT")
+    parser.add_argument("--spect-gains", type=float, nargs="+", default=[],
+                        help="also score every model with its normalised SPECT multiplied by each of these gains")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     parser.add_argument("--report", type=Path, default=REPO / "docs" / "model_selection.md")
     parser.add_argument("--section", default=SECTION,
@@ -101,6 +134,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error("give one ablation at a time")
     if len(args.models) < 2 and not ablation:
         parser.error("give at least two models to compare (or one with an ablation)")
+    if ablation and args.spect_gains:
+        parser.error("give an ablation or --spect-gains, not both")
+    if any(not gain > 0 for gain in args.spect_gains):
+        parser.error("SPECT gains must be positive")
 
     import torch
 
@@ -133,10 +170,20 @@ def main(argv: Optional[List[str]] = None) -> int:
               f"Phantoms: {args.procedural} procedural and {args.ct_derived} CT-derived validation phantoms "
               f"(seeds {summaries[names[0]]['seeds'][0]}…{summaries[names[0]]['seeds'][-1]})."]
     body = format_report(names, summaries, differences, header)
+    by_gain: Dict[float, Dict[str, Any]] = {1.0: {"summaries": summaries, "differences": differences}}
+    for gain in sorted(set(args.spect_gains) - {1.0}):
+        with normalisation_moved(gain), progress_bar(f"validation phantoms, SPECT gain {gain:g}") as progress:
+            moved = score_models(models, plan, real_ct, real_labels, device="auto", inputs=inputs, progress=progress)
+        by_gain[gain] = {"summaries": {name: summarise(case_scores) for name, case_scores in moved.items()},
+                         "differences": compare(moved, reference=names[0]),
+                         "scores": _scores_as_json(moved)}
+    if len(by_gain) > 1:
+        body += format_gain_report(names, by_gain)
     write_section(args.report, args.section, body, title=TITLE)
     write_json(args.report.parent / "results" / f"{args.section}.json",
-               {"scores": {name: [asdict(score) for score in case_scores] for name, case_scores in scores.items()},
-                "summaries": summaries, "differences": differences})
+               {"scores": _scores_as_json(scores),
+                "summaries": summaries, "differences": differences,
+                "spect_gains": {f"{gain:g}": entry for gain, entry in by_gain.items() if gain != 1.0}})
     print(body)
     return 0
 

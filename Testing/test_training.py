@@ -172,14 +172,20 @@ def test_build_cases_mixes_procedural_and_ct_derived_phantoms(shared_data, tmp_p
     assert all((case.labels == 1).any() for case in cases)  # bone in both, procedural and real anatomy
 
 
-def readme_commands(text: str, command: str = "train"):
-    """The ``fcmseg <command>`` commands of the README's default-model section, as argument lists."""
+def readme_pipeline(text: str):
+    """The ``fcmseg`` commands of the README's default-model section, in order, as (command, arguments)."""
     import shlex
 
     section = text[text.index("## The default model"):]
     block = section[section.index("```bash"):section.index("```", section.index("```bash") + 3)]
     joined = block.replace("\\\n", " ")
-    return [shlex.split(line)[1:] for line in joined.splitlines() if line.strip().startswith(f"fcmseg {command} ")]
+    return [(words[1], words[1:]) for words in (shlex.split(line) for line in joined.splitlines()
+                                               if line.strip().startswith("fcmseg "))]
+
+
+def readme_commands(text: str, command: str = "train"):
+    """The ``fcmseg <command>`` commands of the README's default-model section, as argument lists."""
+    return [arguments for name, arguments in readme_pipeline(text) if name == command]
 
 
 def test_readme_commands_are_the_ones_recorded_in_the_shipped_models_card():
@@ -201,8 +207,10 @@ def test_readme_commands_are_the_ones_recorded_in_the_shipped_models_card():
     assert {k: v for k, v in from_readme.items() if k not in paths | newer} == \
         {k: v for k, v in recorded.items() if k not in paths}
     assert stages[0].init is None, "the first stage starts from random weights"
-    for number, (earlier, later) in enumerate(zip(stages, stages[1:]), start=2):
-        assert later.init == earlier.out, f"stage {number} must continue from stage {number - 1}'s output"
+    pipeline = [build_parser().parse_args(arguments) for _, arguments in readme_pipeline(readme)]
+    for earlier, later in zip(pipeline, pipeline[1:]):
+        if later.command == "train":
+            assert later.init == earlier.out, f"{later.out} must continue from the step before it, {earlier.out}"
     assert f"`{training['init_weights_sha256'][:12]}" in readme, "README names another starting model"
 
 
@@ -212,21 +220,21 @@ def test_readme_calibration_command_is_the_one_recorded_in_the_shipped_models_ca
 
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     card = read_card(default_model_path())
-    commands = [build_parser().parse_args(c) for c in readme_commands(readme, "calibrate")]
+    pipeline = [build_parser().parse_args(arguments) for _, arguments in readme_pipeline(readme)]
+    calibrations = [step for step in pipeline if step.command == "calibrate"]
     if "decision" not in card:
-        assert not commands, "the README calibrates the default model, but its card has no decision weights"
+        assert not calibrations, "the README calibrates the default model, but its card has no decision weights"
         return
-    assert len(commands) == 1, "the README should give the one calibration of the default model"
-    calibration, last_stage = commands[0], build_parser().parse_args(readme_commands(readme)[-1])
-    averages = [build_parser().parse_args(c) for c in readme_commands(readme, "average")]
-    if averages:  # the calibrated weights are the mean of trained stages, the last one among them
-        assert len(averages) == 1, "the README should average once"
-        stage_outputs = [build_parser().parse_args(c).out for c in readme_commands(readme)]
-        assert set(averages[0].models) <= set(stage_outputs) and averages[0].models[-1] == last_stage.out
-        assert len(card["averaged_from"]) == len(averages[0].models)
-        assert calibration.model == averages[0].out, "calibration must start from the averaged model"
+    assert len(calibrations) == 1 and pipeline[-1] is calibrations[0], \
+        "the README should end with the one calibration of the default model"
+    calibration, calibrated = pipeline[-1], pipeline[-2]
+    assert calibration.model == calibrated.out, "calibration must start from the step just before it"
+    trained = [step.out for step in pipeline if step.command == "train"]
+    for average in (step for step in pipeline if step.command == "average"):
+        assert set(average.models) <= set(trained), "an average is of trained stages"
+    if calibrated.command == "average":  # the shipped weights are the mean of trained stages
+        assert len(card["averaged_from"]) == len(calibrated.models)
     else:
-        assert calibration.model == last_stage.out, "calibration must start from the last training stage's output"
         assert "averaged_from" not in card, "the shipped model is an average, but the README does not say so"
     assert calibration.out.endswith(DEFAULT_MODEL_NAME)
     recorded = card["decision"]["calibration"]

@@ -66,17 +66,6 @@ def test_random_crop_scales_the_spect_by_one_gain_per_crop_of_the_chosen_spread(
     assert np.allclose(wide, 4 * narrow, atol=1e-5)  # same draws, only the spread differs: runs stay reproducible
 
 
-def test_spect_gain_spread_is_a_training_option_with_a_checked_range(tmp_path):
-    from FCMSegmentationLib.cli import build_parser, train_config_from_args
-    from FCMSegmentationLib.errors import InputError
-
-    base = ["train", "--out", str(tmp_path / "m.pt")]
-    assert train_config_from_args(build_parser().parse_args(base)).spect_gain_sd == 0.1
-    assert train_config_from_args(build_parser().parse_args(base + ["--spect-gain-sd", "0.35"])).spect_gain_sd == 0.35
-    with pytest.raises(InputError, match="gain"):
-        train_config_from_args(build_parser().parse_args(base + ["--spect-gain-sd", "-0.1"]))
-
-
 def test_label_loss_class_balance_interpolates_between_plain_and_per_class_means():
     u = torch.softmax(torch.randn(1, 3, 10, 10), dim=1)
     labels = torch.zeros(1, 10, 10, dtype=torch.long)
@@ -243,15 +232,19 @@ def test_readme_calibration_command_is_the_one_recorded_in_the_shipped_models_ca
         assert card["decision"][used] == recorded[used]["weights"]
 
 
-def test_train_spacing_flag_sets_the_working_grid_and_rejects_nonsense(tmp_path):
+@pytest.mark.parametrize("flag, field, default, value, nonsense, message", [
+    ("--spacing", "spacing_mm", 3.0, 2.0, "0", "spacing"),  # the working grid
+    ("--spect-gain-sd", "spect_gain_sd", 0.1, 0.35, "-0.1", "gain"),  # the SPECT gain augmentation's spread
+])
+def test_train_flags_set_their_option_and_reject_nonsense(tmp_path, flag, field, default, value, nonsense, message):
     from FCMSegmentationLib.cli import build_parser, train_config_from_args
     from FCMSegmentationLib.errors import InputError
 
     base = ["train", "--out", str(tmp_path / "m.pt")]
-    assert train_config_from_args(build_parser().parse_args(base)).spacing_mm == 3.0
-    assert train_config_from_args(build_parser().parse_args(base + ["--spacing", "2"])).spacing_mm == 2.0
-    with pytest.raises(InputError, match="spacing"):
-        train_config_from_args(build_parser().parse_args(base + ["--spacing", "0"]))
+    assert getattr(train_config_from_args(build_parser().parse_args(base)), field) == default
+    assert getattr(train_config_from_args(build_parser().parse_args(base + [flag, str(value)])), field) == value
+    with pytest.raises(InputError, match=message):
+        train_config_from_args(build_parser().parse_args(base + [flag, nonsense]))
 
 
 def test_validation_adds_ct_derived_phantoms_when_the_run_has_a_real_ct(shared_data, random_model):

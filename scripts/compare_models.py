@@ -89,6 +89,15 @@ def _scores_as_json(scores: Mapping[str, Sequence[Any]]) -> Dict[str, List[Dict[
     return {name: [asdict(score) for score in case_scores] for name, case_scores in scores.items()}
 
 
+def _results(scores: Mapping[str, Sequence[Any]], reference: str) -> Dict[str, Any]:
+    """Per-case scores, mean Dice per model and paired differences against ``reference``, as JSON-ready."""
+    from FCMSegmentationLib.validation import compare, summarise
+
+    return {"scores": _scores_as_json(scores),
+            "summaries": {name: summarise(case_scores) for name, case_scores in scores.items()},
+            "differences": compare(scores, reference=reference)}
+
+
 def format_gain_report(names: Sequence[str], by_gain: Mapping[float, Mapping[str, Any]]) -> str:
     """Markdown: SPECT+CT Dice of every model at every SPECT gain, and each model minus the first at the
     same gain. by_gain: {gain: {"summaries": ..., "differences": ...}} as the main comparison holds them."""
@@ -143,7 +152,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     from FCMSegmentationLib.cli import progress_bar
     from FCMSegmentationLib.modelfile import load_model
-    from FCMSegmentationLib.validation import compare, score_models, summarise, validation_plan
+    from FCMSegmentationLib.validation import score_models, validation_plan
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -164,26 +173,22 @@ def main(argv: Optional[List[str]] = None) -> int:
             scores[reference] = score_models(first, plan, real_ct, real_labels, device="auto", inputs=inputs,
                                              progress=progress, **left_out)[names[0]]
         names.insert(0, reference)  # the reference: the differences are then what the left-out step does
-    summaries = {name: summarise(case_scores) for name, case_scores in scores.items()}
-    differences = compare(scores, reference=names[0])
+    results = _results(scores, names[0])
+    summaries, differences = results["summaries"], results["differences"]
     header = [f"Command: `{command_line()}`", "", f"Machine: {machine_line()}", "",
               f"Phantoms: {args.procedural} procedural and {args.ct_derived} CT-derived validation phantoms "
               f"(seeds {summaries[names[0]]['seeds'][0]}…{summaries[names[0]]['seeds'][-1]})."]
     body = format_report(names, summaries, differences, header)
-    by_gain: Dict[float, Dict[str, Any]] = {1.0: {"summaries": summaries, "differences": differences}}
+    by_gain: Dict[float, Dict[str, Any]] = {1.0: results}
     for gain in sorted(set(args.spect_gains) - {1.0}):
         with normalisation_moved(gain), progress_bar(f"validation phantoms, SPECT gain {gain:g}") as progress:
             moved = score_models(models, plan, real_ct, real_labels, device="auto", inputs=inputs, progress=progress)
-        by_gain[gain] = {"summaries": {name: summarise(case_scores) for name, case_scores in moved.items()},
-                         "differences": compare(moved, reference=names[0]),
-                         "scores": _scores_as_json(moved)}
+        by_gain[gain] = _results(moved, names[0])
     if len(by_gain) > 1:
         body += format_gain_report(names, by_gain)
     write_section(args.report, args.section, body, title=TITLE)
     write_json(args.report.parent / "results" / f"{args.section}.json",
-               {"scores": _scores_as_json(scores),
-                "summaries": summaries, "differences": differences,
-                "spect_gains": {f"{gain:g}": entry for gain, entry in by_gain.items() if gain != 1.0}})
+               {**results, "spect_gains": {f"{gain:g}": entry for gain, entry in by_gain.items() if gain != 1.0}})
     print(body)
     return 0
 

@@ -10,6 +10,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from FCMSegmentationLib import phantoms as P
+from FCMSegmentationLib.phantoms import command as phantom_command_module
 from FCMSegmentationLib.errors import InputError
 from FCMSegmentationLib.preprocessing import overlap_region
 
@@ -92,6 +93,44 @@ def test_same_seed_same_case():
         assert geometry(ia) == geometry(ib)
         np.testing.assert_array_equal(arr(ia), arr(ib))
     assert json.dumps(a.params, sort_keys=True) == json.dumps(b.params, sort_keys=True)
+
+
+RECORDED_DRAWS = Path(__file__).parent / "data" / "phantom_params.json"
+
+
+def recorded_cases():
+    """The cases whose params are recorded: a procedural one, a shifted one, a CT-derived one."""
+    return {"procedural_14": proc(14), "shifted_3": P.procedural_phantom(3, P.SHIFTED_RANGES), "ct_0": ct_case(0)}
+
+
+def assert_params_match(got, want, where="params"):
+    if isinstance(want, dict):
+        assert sorted(got) == sorted(want), where
+        for key in want:
+            assert_params_match(got[key], want[key], f"{where}.{key}")
+    elif isinstance(want, list):
+        assert len(got) == len(want), where
+        for i, (g, w) in enumerate(zip(got, want)):
+            assert_params_match(g, w, f"{where}[{i}]")
+    elif isinstance(want, float):
+        assert got == pytest.approx(want, rel=1e-4, abs=1e-3), where
+    else:
+        assert got == want, where
+
+
+def test_seeds_reproduce_the_recorded_cases():
+    """A seed's case must not change when the code is reorganised: the README's training recipe names seeds.
+
+    Every parameter (and so the order of the random draws) is compared with the record. After an intended
+    change of the simulation, rewrite the record with FCMSEG_RECORD_PHANTOMS=1 and say so in the commit.
+    """
+    import os
+
+    params = {name: case.params for name, case in recorded_cases().items()}
+    if os.environ.get("FCMSEG_RECORD_PHANTOMS") == "1":
+        RECORDED_DRAWS.parent.mkdir(exist_ok=True)
+        RECORDED_DRAWS.write_text(json.dumps(params, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    assert_params_match(params, json.loads(RECORDED_DRAWS.read_text(encoding="utf-8")))
 
 
 def test_different_seeds_differ():
@@ -371,7 +410,7 @@ def test_phantom_command(tmp_path, monkeypatch):
         calls.append((seed, kind, ranges))
         return P.PhantomCase(small.spect, small.ct, small.truth, dict(small.params, seed=seed))
 
-    monkeypatch.setattr(P, "generate_phantom", fake)
+    monkeypatch.setattr(phantom_command_module, "generate_phantom", fake)
     seen = []
     out = P.phantom_command(str(tmp_path / "out"), seed=7, count=2, shifted=True, progress=lambda f, m: seen.append(f))
     assert [c[0] for c in calls] == [7, 8] and all(c[1] == "procedural" for c in calls)

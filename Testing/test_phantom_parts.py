@@ -7,10 +7,10 @@ from FCMSegmentationLib.errors import InputError
 from FCMSegmentationLib.phantoms import TRAINING_RANGES
 from FCMSegmentationLib.phantoms.case import ORGAN_CODES
 from FCMSegmentationLib.phantoms.geometry import Grid, bezier, resample_curve
-from FCMSegmentationLib.phantoms.organs import build_soft_tissues
+from FCMSegmentationLib.phantoms.procedural import build_torso
 from FCMSegmentationLib.phantoms.ranges import check_seed, log_uniform, uniform
-from FCMSegmentationLib.phantoms.skeleton import build_spine, paint_pelvis, paint_thorax
-from FCMSegmentationLib.phantoms.torso import REGIONS, sample_body_outline, sample_field
+from FCMSegmentationLib.phantoms.skeleton import build_spine
+from FCMSegmentationLib.phantoms.torso import REGIONS
 
 # ------------------------------------------------------------------------------------------ draws
 
@@ -73,23 +73,15 @@ def test_resample_curve_spacing_and_ends():
 
 
 def anatomy(seed: int):
-    rng = np.random.default_rng(seed)
     params = {}
-    field = sample_field(rng, TRAINING_RANGES, params)
-    outline = sample_body_outline(rng, field, params)
-    body, inner = outline.masks(field)
-    spine = build_spine(rng, field, outline)
-    bone = spine.mask.copy()
-    paint_pelvis(rng, field, spine, bone)
-    cage = paint_thorax(rng, field, spine, bone)
-    bone &= inner
-    tissues = build_soft_tissues(rng, field, spine, cage, bone, inner, params)
-    return field, outline, body, inner, spine, bone, cage, tissues, params
+    torso = build_torso(np.random.default_rng(seed), TRAINING_RANGES, params)
+    return torso, params
 
 
 @pytest.mark.parametrize("seed", (2, 14))  # thorax, pelvis
 def test_field_and_body_outline(seed):
-    field, outline, body, inner, *_, params = anatomy(seed)
+    torso, params = anatomy(seed)
+    field, outline, body, inner = torso.field, torso.spine.outline, torso.body, torso.inner
     assert params["region"] in REGIONS
     nz, ny, nx = field.grid.shape
     assert nx * ny * nz <= TRAINING_RANGES.max_ct_voxels
@@ -101,8 +93,8 @@ def test_field_and_body_outline(seed):
 
 
 def test_spine_levels_run_upwards_without_overlap():
-    field, outline, *_ = anatomy(3)
-    spine = build_spine(np.random.default_rng(0), field, outline)
+    torso, _ = anatomy(3)
+    spine = build_spine(np.random.default_rng(0), torso.field, torso.spine.outline)
     names = [v.name for v in spine.vertebrae]
     assert names[:5] == ["L5", "L4", "L3", "L2", "L1"] and names[5] == "T12" and names[-1] == "T1"
     for below, above in zip(spine.vertebrae, spine.vertebrae[1:]):
@@ -114,7 +106,8 @@ def test_spine_levels_run_upwards_without_overlap():
 
 @pytest.mark.parametrize("seed", (2, 3))  # thorax, thorax-abdomen
 def test_soft_tissues_avoid_bone_and_each_other(seed):
-    field, outline, body, inner, spine, bone, cage, tissues, params = anatomy(seed)
+    torso, params = anatomy(seed)
+    field, inner, bone, cage, tissues = torso.field, torso.inner, torso.bone, torso.cage, torso.tissues
     for mask in (tissues.lungs, tissues.heart, tissues.organs > 0, tissues.gas):
         assert not (mask & bone).any() and not (mask & ~inner).any()
     assert not (tissues.lungs & tissues.heart).any()

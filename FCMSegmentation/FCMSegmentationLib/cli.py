@@ -120,33 +120,31 @@ def _session_outputs(args: argparse.Namespace):
     return output, save_path
 
 
+def _open_session(args: argparse.Namespace):
+    """A refinement session on the images and model the arguments name (computing its features)."""
+    from .refinement import RefinementSession, RefineSettings
+
+    spect, ct, model = _load_for_session(args)
+    with progress_bar("features") as progress:
+        return RefinementSession(spect, ct, model, args.device, RefineSettings(mode=args.mode), progress=progress,
+                                 keep_lesions_outside_bone=args.keep_lesions_outside_bone,
+                                 complete_cortex_edge=not args.no_cortex_completion)
+
+
 def cmd_refine(args: argparse.Namespace) -> int:
     from .imageio import read_image
-    from .refinement import RefinementSession, RefineSettings
 
     output, save_path = _session_outputs(args)
     scribbles = read_image(args.scribbles)
-    spect, ct, model = _load_for_session(args)
-    settings = RefineSettings(mode=args.mode)
-    with progress_bar("features") as progress:
-        session = RefinementSession(spect, ct, model, args.device, settings, progress=progress,
-                                    keep_lesions_outside_bone=args.keep_lesions_outside_bone,
-                                    complete_cortex_edge=not args.no_cortex_completion)
+    session = _open_session(args)
     with progress_bar("refine") as progress:
         result = session.refine(scribbles, steps=args.steps, alpha=args.alpha, progress=progress)
     return _finish_session(args, session, result, output, save_path)
 
 
 def cmd_adapt(args: argparse.Namespace) -> int:
-    from .refinement import RefinementSession, RefineSettings
-
     output, save_path = _session_outputs(args)
-    spect, ct, model = _load_for_session(args)
-    settings = RefineSettings(mode=args.mode)
-    with progress_bar("features") as progress:
-        session = RefinementSession(spect, ct, model, args.device, settings, progress=progress,
-                                    keep_lesions_outside_bone=args.keep_lesions_outside_bone,
-                                    complete_cortex_edge=not args.no_cortex_completion)
+    session = _open_session(args)
     with progress_bar("adapt") as progress:
         result = session.adapt(steps=args.steps, progress=progress)
     return _finish_session(args, session, result, output, save_path)

@@ -16,6 +16,8 @@ from .torso import BodyOutline, Field
 
 
 class Vertebra(NamedTuple):
+    """One vertebral body's level and size; heights in anatomical mm."""
+
     name: str  # "L5" .. "L1", "T12" .. "T1"
     bottom: float  # mm
     top: float
@@ -41,6 +43,7 @@ class Spine:
         return self.outline.centre_y + self.outline.semi_b(s) * np.interp(s, self.y_knots, self.y_fractions)
 
     def vertebra(self, name: str) -> Vertebra:
+        """The vertebra called ``name`` ("L1", "T10", ...)."""
         return next(v for v in self.vertebrae if v.name == name)
 
 

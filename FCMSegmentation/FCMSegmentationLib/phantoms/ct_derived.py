@@ -113,7 +113,7 @@ def ct_derived_phantom(
     activity = _activity(uptakes, hu, bone, spine, body, lungs, air, organs)
     params.update(ct_shape_zyx=[int(v) for v in hu.shape], organs_from_labels=organs is not None)
     anatomy = Anatomy(ct_grid, hu, activity, bone, body, uptakes)
-    return finish_case(rng, anatomy, params, ranges, spect_direction, add_ct_noise=False)
+    return finish_case(rng, anatomy, params, ranges, spect_direction, simulated_ct=False)
 
 
 def _cropped_grid(rng: np.random.Generator, ranges: SimulationRanges, ct: sitk.Image,

@@ -89,11 +89,11 @@ def finish_case(
     params: Dict[str, Any],
     ranges: SimulationRanges,
     spect_direction: Optional[Sequence[float]],
-    add_ct_noise: bool,
+    simulated_ct: bool,
 ) -> PhantomCase:
     """Uptake heterogeneity, lesions, CT noise and the SPECT imaging chain; assemble the case.
 
-    ``add_ct_noise``: a simulated CT gets partial-volume blur and the full sampled noise; a real CT (already
+    ``simulated_ct``: a simulated CT gets partial-volume blur and the full sampled noise; a real CT (already
     noisy) gets half of it and no blur. ``params`` is completed in place and becomes the case's params.
     """
     ct_grid, up = anatomy.ct_grid, anatomy.uptakes
@@ -104,7 +104,7 @@ def finish_case(
     params.update({k: rounded(v) for k, v in up.items()})
     params["lesion_count"] = len(lesions)
     params["lesions"] = lesions
-    ct = _noisy_ct(rng, ranges, anatomy.hu, ct_grid, add_ct_noise, params)
+    ct = _noisy_ct(rng, ranges, anatomy.hu, ct_grid, simulated_ct, params)
     spect = _simulate_spect(rng, ranges, activity, anatomy.body, ct_grid, spect_direction, params)
     params.update(
         ct_spacing_xyz_mm=[rounded(s) for s in ct_grid.GetSpacing()],

@@ -54,7 +54,7 @@ def procedural_phantom(
     ct_grid.SetOrigin((grid.org + offset).tolist())
     params["ct_origin_mm"] = [rounded(v) for v in ct_grid.GetOrigin()]
     anatomy = Anatomy(ct_grid, hu, activity, torso.bone, torso.body, uptakes)
-    return finish_case(rng, anatomy, params, ranges, spect_direction, add_ct_noise=True)
+    return finish_case(rng, anatomy, params, ranges, spect_direction, simulated_ct=True)
 
 
 @dataclass

@@ -98,7 +98,7 @@ def test_spine_levels_run_upwards_without_overlap():
     names = [v.name for v in spine.vertebrae]
     assert names[:5] == ["L5", "L4", "L3", "L2", "L1"] and names[5] == "T12" and names[-1] == "T1"
     for below, above in zip(spine.vertebrae, spine.vertebrae[1:]):
-        assert below.bottom < below.top < above.bottom  # a disc space between neighbours
+        assert below.bottom < below.middle < below.top < above.bottom  # a disc space between neighbours
     assert spine.top_z == spine.vertebrae[-1].top
     assert spine.vertebra("L1").name == "L1"
     assert not (spine.discs & spine.mask).any()

@@ -46,7 +46,10 @@ def bone_mask_from_totalsegmentator(labels: sitk.Image) -> Tuple[sitk.Image, sit
     91-116 (skull, ribs, sternum); costal cartilage (117) is not bone. organs: :data:`ORGAN_CODES`
     (1 kidneys = ids 2, 3; 2 liver = 5; 3 urinary bladder = 21), 0 elsewhere.
     """
-    arr = _label_array(labels, "bone labels")
+    return _totalsegmentator_bone_and_organs(_label_array(labels, "bone labels"), labels)
+
+
+def _totalsegmentator_bone_and_organs(arr: np.ndarray, labels: sitk.Image) -> Tuple[sitk.Image, sitk.Image]:
     bone = np.isin(arr, TOTALSEG_BONE_IDS).astype(np.uint8)
     organs = np.zeros(arr.shape, np.uint8)
     for label_id, name in TOTALSEG_ORGAN_IDS.items():
@@ -61,7 +64,7 @@ def _split_labels(
     arr = _label_array(bone_labels, "bone labels")
     values = np.unique(arr)
     if organ_labels is None and np.any((values != 0) & (values != 1)):
-        bone, organs = bone_mask_from_totalsegmentator(bone_labels)
+        bone, organs = _totalsegmentator_bone_and_organs(arr, bone_labels)
         spine = image_on(np.isin(arr, TOTALSEG_SPINE_IDS).astype(np.uint8), bone_labels)
         return bone, organs, spine, "totalsegmentator"
     bone = image_on((arr != 0).astype(np.uint8), bone_labels)

@@ -48,7 +48,7 @@ def _lungs_and_heart(rng: np.random.Generator, field: Field, spine: Spine, cage:
     X, Y, zs, kz = field.x, field.y, field.grid.z, field.height_scale
     outline = spine.outline
     cx, cy = outline.centre_x, outline.centre_y
-    s_dia = 0.5 * sum(spine.vertebra("T10")[1:3]) + uniform(rng, (-15, 15)) * kz
+    s_dia = spine.vertebra("T10").middle + uniform(rng, (-15, 15)) * kz
     s_dia_left = s_dia - uniform(rng, (5, 20))
     A_c, B_c = cage.semi_axes(zs)
     A_c = (A_c - cage.rib_radius - 3.0)[:, None, None]

@@ -24,6 +24,11 @@ class Vertebra(NamedTuple):
     rx: float  # semi-axes of the vertebral body (mm)
     ry: float
 
+    @property
+    def middle(self) -> float:
+        """Height (mm) half-way up the vertebral body."""
+        return 0.5 * (self.bottom + self.top)
+
 
 @dataclass
 class Spine:
@@ -212,10 +217,6 @@ def paint_thorax(rng: np.random.Generator, field: Field, spine: Spine, bone: np.
     return cage
 
 
-def _mid_height(vertebra: Vertebra) -> float:
-    return 0.5 * (vertebra.bottom + vertebra.top)
-
-
 def _paint_ribs(rng: np.random.Generator, field: Field, spine: Spine, bone: np.ndarray) -> RibCage:
     """12 pairs of curved tubes from the thoracic vertebrae round to the front, dropping as they go."""
     kz, kw, outline = field.height_scale, field.bone_scale, spine.outline
@@ -226,8 +227,8 @@ def _paint_ribs(rng: np.random.Generator, field: Field, spine: Spine, bone: np.n
     rib_pts = []
     rib_ellipse = []  # (z, A, B) per rib, for lungs/scapulae
     for k in range(12):
-        _, zb, zt, rx, ry = spine.vertebra("T%d" % (k + 1))
-        z0 = 0.5 * (zb + zt)
+        vertebra = spine.vertebra("T%d" % (k + 1))
+        z0, rx, ry = vertebra.middle, vertebra.rx, vertebra.ry
         A_r = (float(outline.semi_a(z0)) - fat - 12.0 - r_rib) * cage[k]
         B_r = (float(outline.semi_b(z0)) - fat - 10.0 - r_rib) * (0.75 + 0.25 * cage[k])
         yv = float(spine.body_y(z0))
@@ -251,8 +252,8 @@ def _paint_sternum(rng: np.random.Generator, field: Field, spine: Spine, bone: n
     """Manubrium and body: a flat plate behind the anterior wall. Returns the height of its top."""
     kz, outline = field.height_scale, spine.outline
     cx, cy, fat = outline.centre_x, outline.centre_y, outline.fat
-    st_top = _mid_height(spine.vertebra("T2")) - 20.0 * kz
-    st_bot = _mid_height(spine.vertebra("T9")) - 45.0 * kz
+    st_top = spine.vertebra("T2").middle - 20.0 * kz
+    st_bot = spine.vertebra("T9").middle - 45.0 * kz
     st_half = uniform(rng, (5.0, 7.0))
     st_pts = []
     for s in np.arange(st_bot, st_top, st_half / 2):
@@ -267,8 +268,8 @@ def _paint_sternum(rng: np.random.Generator, field: Field, spine: Spine, bone: n
 def _paint_scapulae(field: Field, spine: Spine, cage: RibCage, bone: np.ndarray) -> None:
     """Thin curved plates outside the posterior ribs, triangular (narrowing downwards)."""
     cx, cy, r_rib = spine.outline.centre_x, spine.outline.centre_y, cage.rib_radius
-    sc_top = _mid_height(spine.vertebra("T2")) + 15.0 * field.height_scale
-    sc_bot = _mid_height(spine.vertebra("T8"))
+    sc_top = spine.vertebra("T2").middle + 15.0 * field.height_scale
+    sc_bot = spine.vertebra("T8").middle
     sc_pts, sc_rad = [], []
     for s in np.arange(sc_bot, sc_top, 2.0):
         t = (s - sc_bot) / (sc_top - sc_bot)

@@ -196,7 +196,8 @@ def test_lesions_labelled_inside_bone(seed):
 
 def test_lesions_within_ct_bone():
     """Independent of the labels: lesion voxels lie in high-HU bone (dilated by one voxel)."""
-    rng_ranges = small_ranges(lesion_count=(6, 6), lesion_diameter_mm=(4.0, 20.0), marrow_hu=(250.0, 400.0), ct_noise_hu=(5.0, 10.0))
+    rng_ranges = small_ranges(lesion_count=(6, 6), lesion_diameter_mm=(4.0, 20.0), marrow_hu=(250.0, 400.0),
+                              ct_noise_hu=(5.0, 10.0))
     for seed in (11, 12):
         case = P.procedural_phantom(seed, rng_ranges)
         ct, truth = arr(case.ct), arr(case.truth)

@@ -279,7 +279,8 @@ def test_offsets_upsample_consistently_on_regions_and_points():
     region = (slice(1, 6), slice(3, 4), slice(5, 11))
     torch.testing.assert_close(upsample_offsets(offsets, region, cell=2), whole[(slice(None), slice(None)) + region])
     points = torch.tensor([[0, 0, 0], [3, 5, 7], [6, 8, 10], [1, 2, 9]])
-    torch.testing.assert_close(offsets_at(offsets, points, cell=2), whole[0][:, points[:, 0], points[:, 1], points[:, 2]])
+    expected = whole[0][:, points[:, 0], points[:, 1], points[:, 2]]
+    torch.testing.assert_close(offsets_at(offsets, points, cell=2), expected)
 
 
 def test_balanced_label_loss_weighs_each_painted_class_equally():

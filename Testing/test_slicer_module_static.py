@@ -20,8 +20,10 @@ ROOT = Path(__file__).resolve().parents[1]
 MODULE = "FCMSegmentation"
 
 # Keys allowed by slicer-extension-catalog-entry-schema-v1.0.2.json ("additionalProperties": false) and
-# the ones it requires; this project uses only the subset below (the team's Slicer conventions, ../shared/docs/slicer.md).
-SCHEMA_URL = "https://raw.githubusercontent.com/Slicer/Slicer/main/Schemas/slicer-extension-catalog-entry-schema-v1.0.2.json"
+# the ones it requires; this project uses only the subset below (the team's Slicer conventions,
+# ../shared/docs/slicer.md).
+SCHEMA_URL = ("https://raw.githubusercontent.com/Slicer/Slicer/main/Schemas/"
+              "slicer-extension-catalog-entry-schema-v1.0.2.json")
 SCHEMA_KEYS = {"$schema", "category", "scm_url", "scm_revision", "scm_type", "build_dependencies",
                "dicom_support_rule", "build_subdirectory", "enabled", "tier"}
 SCHEMA_REQUIRED = {"$schema", "category", "scm_url"}
@@ -361,7 +363,8 @@ def png_size(path: Path) -> Tuple[int, int]:
 
 def check_icons(root: Path) -> List[str]:
     problems = []
-    for path in (module_dir(root) / "Resources" / "Icons" / f"{MODULE}.png", root / "Resources" / "Icons" / f"{MODULE}.png"):
+    for folder in (module_dir(root), root):
+        path = folder / "Resources" / "Icons" / f"{MODULE}.png"
         if not path.is_file():
             problems.append(f"{path.relative_to(root)} is missing")
         elif png_size(path) != (128, 128):

@@ -114,9 +114,11 @@ def test_training_can_continue_from_a_model_file(tmp_path):
     assert load_model(tmp_path / "next.pt").spacing_mm == 2.0  # continued on a finer working grid
     before = dict(start.network.named_parameters())
     after = dict(load_model(tmp_path / "next.pt").network.named_parameters())
-    assert max(float((after[k] - before[k]).detach().abs().max()) for k in before) < 0.1  # one step from the loaded weights
+    moved = max(float((after[k] - before[k]).detach().abs().max()) for k in before)
+    assert moved < 0.1  # one step from the loaded weights
     with pytest.raises(InputError, match="architecture"):
-        train(TrainConfig(out=str(tmp_path / "bad.pt"), init=str(tmp_path / "start.pt"), **dict(TINY, channels=(4, 8, 16))),
+        other_architecture = dict(TINY, channels=(4, 8, 16))
+        train(TrainConfig(out=str(tmp_path / "bad.pt"), init=str(tmp_path / "start.pt"), **other_architecture),
               log=lambda line: None)
 
 

@@ -183,7 +183,8 @@ def targets(summary: Dict[str, Any]) -> List[Dict[str, Any]]:
     rows = []
     for name in CLASSES:
         value = overall[MODEL][name]["mean"]
-        best_method = max(CLASSICAL, key=lambda m: -1.0 if overall[m][name]["mean"] is None else overall[m][name]["mean"])
+        best_method = max(CLASSICAL, key=lambda m: -1.0 if overall[m][name]["mean"] is None
+                          else overall[m][name]["mean"])
         best = overall[best_method][name]["mean"]
         rows.append({
             "class": name, "model": value, "target": TARGETS[name],
@@ -236,7 +237,8 @@ def report(docs: Path, data: Dict[str, Any], figure: Path, overlay: Optional[Pat
     for method in METHODS:
         row = [method]
         for kind in kinds:
-            row += [fmt_mean_sd(summary[kind][method]["bone"]), fmt_mean_sd(summary[kind][method]["lesion"], show_n=True)]
+            row += [fmt_mean_sd(summary[kind][method]["bone"]),
+                    fmt_mean_sd(summary[kind][method]["lesion"], show_n=True)]
         kind_rows.append(row)
     kind_header = ["method"] + [f"{'procedural' if k == 'procedural' else 'CT-derived'} {c}" for k in kinds
                                 for c in ("bone", "lesion")]
@@ -245,7 +247,8 @@ def report(docs: Path, data: Dict[str, Any], figure: Path, overlay: Optional[Pat
         value = "n/a" if t["model"] is None else f"{t['model']:.3f}"
         best = "n/a" if t["best_classical_dice"] is None else f"{t['best_classical_dice']:.3f}"
         margin = "n/a" if t["margin"] is None else f"{t['margin']:+.3f}"
-        target_rows.append([t["class"], value, f">= {t['target']:.2f}", "**met**" if t["met_absolute"] else "**not met**",
+        target_rows.append([t["class"], value, f">= {t['target']:.2f}",
+                            "**met**" if t["met_absolute"] else "**not met**",
                             f"{best} ({t['best_classical']})", margin, "**met**" if t["met_margin"] else "**not met**"])
     def share(value: float) -> str:
         return "n/a" if value != value else f"{value:.2f}"
@@ -255,7 +258,8 @@ def report(docs: Path, data: Dict[str, Any], figure: Path, overlay: Optional[Pat
                       for method, d in data["lesion_detection"].items()]
     by_group = data["lesions_found_by_group"]
     groups = list(by_group[GRID_BOUND])
-    group_rows = [[SHORT[method]] + [f"{by_group[method][g]['found']} / {by_group[method][g]['lesions']}" for g in groups]
+    group_rows = [[SHORT[method]]
+                  + [f"{by_group[method][g]['found']} / {by_group[method][g]['lesions']}" for g in groups]
                   for method in METHODS]
     case_rows = []
     for case in cases:
@@ -326,8 +330,8 @@ def report(docs: Path, data: Dict[str, Any], figure: Path, overlay: Optional[Pat
         "SPECT voxels; the thresholds are applied to the SPECT linearly resampled onto the CT grid (below t1 "
         "background, t1–t2 bone, above t2 lesion). On SPECT the two thresholds fall between air and soft "
         "tissue and between soft tissue and bone, so its 'bone' is mostly soft tissue. **(4 thresholds, top 2 "
-        "classes)**: the same with 4 thresholds (128 bins), the two highest classes being bone and lesion and the three "
-        "lowest (air, soft tissue, ...) background — a fairer configuration of the same method.",
+        "classes)**: the same with 4 thresholds (128 bins), the two highest classes being bone and lesion and the "
+        "three lowest (air, soft tissue, ...) background — a fairer configuration of the same method.",
         "- **CT > 150 / 300 HU + SPECT Otsu in bone**: bone = CT above the threshold, a 3-D binary closing "
         "(1 voxel, 6-connected) to bridge thin cortex gaps, then holes up to 4 cm² in each axial slice filled "
         "(marrow below the threshold inside a closed cortex becomes bone; larger holes — the chest inside the "

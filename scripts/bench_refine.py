@@ -297,7 +297,8 @@ def dice_figure(summary: Dict[str, Any], rounds: int, path: Path, title: str) ->
     styles = {OURS: ("-o", "#1f77b4"), GC_SAME: ("--s", "#ff7f0e"), GC_OWN: (":^", "#2ca02c")}
     for axis, name in zip(axes, CLASSES):
         for series in SERIES:
-            points = [(r, s[name]["mean"], s[name]["sd"]) for r, s in enumerate(summary[series]) if s[name]["mean"] is not None]
+            points = [(r, s[name]["mean"], s[name]["sd"]) for r, s in enumerate(summary[series])
+                      if s[name]["mean"] is not None]
             if not points:
                 continue
             r, m, sd = (np.array(v, dtype=float) for v in zip(*points))
@@ -378,7 +379,8 @@ def report(docs: Path, data: Dict[str, Any], figure: Path, json_path: Path) -> s
         ["FCMSegmentation: session construction (feature cache, once per image)", f"{med['session']:.2f}",
          "not measured (no GPU lent)"],
         ["FCMSegmentation: refine round (default settings)", f"{med['refine']:.2f}", "not measured (no GPU lent)"],
-        ["FCMSegmentation: refine round after adding strokes", f"{med['refine_more']:.2f}", "not measured (no GPU lent)"],
+        ["FCMSegmentation: refine round after adding strokes", f"{med['refine_more']:.2f}",
+         "not measured (no GPU lent)"],
     ]
     def yes(flag: bool) -> str:
         return "**met**" if flag else "**not met**"
@@ -482,20 +484,23 @@ def report(docs: Path, data: Dict[str, Any], figure: Path, json_path: Path) -> s
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", type=int, default=None, help="shifted cases for accuracy (default 6; 1 with --quick)")
+    parser.add_argument("--cases", type=int, default=None,
+                        help="shifted cases for accuracy (default 6; 1 with --quick)")
     parser.add_argument("--in-range-cases", type=int, default=None,
                         help="training-range cases (the accuracy benchmark's first ones; default 6, 1 with --quick)")
     parser.add_argument("--confirming-cases", type=int, default=None,
                         help="training-range cases for the user who also confirms (default 6, 1 with --quick)")
     parser.add_argument("--rounds", type=int, default=None, help="refinement rounds (default 3; 1 with --quick)")
     parser.add_argument("--strokes", type=int, default=4, help="strokes per round (default 4)")
-    parser.add_argument("--speed-size", type=int, default=None, help="side of the speed volume (default 128; 64 with --quick)")
+    parser.add_argument("--speed-size", type=int, default=None,
+                        help="side of the speed volume (default 128; 64 with --quick)")
     parser.add_argument("--repeats", type=int, default=None, help="speed repeats (default 3; 1 with --quick)")
     parser.add_argument("--quick", action="store_true", help="tiny smoke run (writes to out/bench-quick by default)")
     parser.add_argument("--model", default=None, help="model file (default: the shipped default model)")
     parser.add_argument("--random-weights", action="store_true", help="untrained network (smoke tests only)")
     parser.add_argument("--docs", type=Path, default=None,
-                        help="where benchmarks.md, figures/ and results/ go (default docs/, or out/bench-quick with --quick)")
+                        help="where benchmarks.md, figures/ and results/ go "
+                             "(default docs/, or out/bench-quick with --quick)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
     args = parser.parse_args(argv)
 
@@ -550,7 +555,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"speed: GrowCut init {speed['median_seconds']['growcut_init']:.2f} s, update "
           f"{speed['median_seconds']['growcut_update']:.2f} s; session {speed['median_seconds']['session']:.2f} s, "
           f"refine {speed['median_seconds']['refine']:.2f} s")
-    print(f"gain on worst class ({crit['worst_class']}): {crit['gain_on_worst']} -> {'met' if crit['met_gain'] else 'NOT met'}; "
+    print(f"gain on worst class ({crit['worst_class']}): {crit['gain_on_worst']} -> "
+          f"{'met' if crit['met_gain'] else 'NOT met'}; "
           f"no regression: {'met' if crit['met_no_regression'] else 'NOT met'} {crit['changes']}; "
           f"vs GrowCut same strokes: {'met' if crit['vs_growcut_same']['met'] else 'NOT met'} "
           f"{crit['vs_growcut_same']['margins']}")

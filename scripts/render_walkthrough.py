@@ -372,8 +372,9 @@ class Figure:
             ax.text(0.99, 0.985, position[name], transform=ax.transAxes, va="top", ha="right", fontsize=8,
                     color=MUTED, zorder=20, path_effects=HALO)
             left, right, top, bottom = labels[name]
-            for text, xy, align in ((left, (0.012, 0.5), ("left", "center")), (right, (0.988, 0.5), ("right", "center")),
-                                    (top, (0.5, 0.985), ("center", "top")), (bottom, (0.5, 0.015), ("center", "bottom"))):
+            edges = ((left, (0.012, 0.5), ("left", "center")), (right, (0.988, 0.5), ("right", "center")),
+                     (top, (0.5, 0.985), ("center", "top")), (bottom, (0.5, 0.015), ("center", "bottom")))
+            for text, xy, align in edges:
                 ax.text(*xy, text, transform=ax.transAxes, ha=align[0], va=align[1], fontsize=8, color=MUTED,
                         zorder=20, path_effects=HALO)
         zoom = Rectangle((v.zoom_x[0], v.zoom_y[0]), v.zoom_x[1] - v.zoom_x[0], v.zoom_y[1] - v.zoom_y[0],

@@ -29,9 +29,11 @@ def resolve_device(name: str = "auto") -> torch.device:
             return torch.device("cuda")
         return torch.device("mps") if mps_ok else torch.device("cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError("device 'cuda' requested but no CUDA GPU is available to torch; choose the CPU (device 'cpu') or 'auto'")
+        raise InputError("device 'cuda' requested but no CUDA GPU is available to torch; "
+                         "choose the CPU (device 'cpu') or 'auto'")
     if name == "mps" and not mps_ok:
-        raise InputError("device 'mps' requested but Apple MPS is not available; choose the CPU (device 'cpu') or 'auto'")
+        raise InputError("device 'mps' requested but Apple MPS is not available; "
+                         "choose the CPU (device 'cpu') or 'auto'")
     if name not in ("cpu", "mps") and not name.startswith("cuda"):
         raise InputError(f"unknown device {name!r}; use auto, cpu, cuda or mps")
     return torch.device(name)
@@ -215,7 +217,8 @@ class RunEstimate:
         size = "x".join(str(n) for n in self.patch_size)
         return (
             f"working grid {grid} voxels: {self.patches} patches of {size}, roughly {format_seconds(self.seconds)} "
-            f"on the {_DEVICE_WORDS.get(device.type, device.type)}; memory about {self.host_bytes / 2**20:.0f} MB for the volume + "
+            f"on the {_DEVICE_WORDS.get(device.type, device.type)}; "
+            f"memory about {self.host_bytes / 2**20:.0f} MB for the volume + "
             f"{self.patch_bytes / 2**20:.0f} MB per patch"
         )
 

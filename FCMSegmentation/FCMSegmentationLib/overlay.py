@@ -33,7 +33,8 @@ def _isotropic_slice(image: sitk.Image, axis: int, index: int, linear: bool) -> 
     return np.asarray(plane[np.rint(positions).astype(int)], dtype=np.float32)
 
 
-def overlay_panel(background: np.ndarray, labels: np.ndarray, colors: Sequence[Tuple[float, float, float]]) -> np.ndarray:
+def overlay_panel(background: np.ndarray, labels: np.ndarray,
+                  colors: Sequence[Tuple[float, float, float]]) -> np.ndarray:
     """RGB uint8 image: grey ``background`` in [0, 1] with label k tinted ``colors[k-1]``."""
     rgb = np.repeat(background[..., None], 3, axis=2)
     for k, color in enumerate(colors, start=1):
@@ -51,7 +52,8 @@ def write_overlay(path: Path, labels: sitk.Image, ct: Optional[sitk.Image], spec
     under = on_grid_of(sitk.Cast(ct, sitk.sitkFloat32), reference) if ct is not None else None
     hot = sitk.Resample(sitk.Cast(spect, sitk.sitkFloat32), reference, sitk.Transform(), sitk.sitkLinear, 0.0)
     label_array = sitk.GetArrayViewFromImage(labels)
-    axial = int(np.argmax((label_array == 2).sum(axis=(1, 2)))) if (label_array == 2).any() else label_array.shape[0] // 2
+    lesion = label_array == 2
+    axial = int(np.argmax(lesion.sum(axis=(1, 2)))) if lesion.any() else label_array.shape[0] // 2
     coronal = int(np.argmax((label_array >= 1).sum(axis=(0, 2))))
     spect_high = float(np.percentile(sitk.GetArrayViewFromImage(hot), 99.5)) or 1.0
     rows = []

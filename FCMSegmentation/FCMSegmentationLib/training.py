@@ -244,7 +244,8 @@ def balanced_label_loss(memberships: torch.Tensor, labels: torch.Tensor, q: floa
         selected = labels == k
         count = int(selected.sum())
         if count:
-            means.append(fcm_label_loss(memberships, torch.where(selected, labels, torch.full_like(labels, IGNORE)), q=q))
+            only_this_class = torch.where(selected, labels, torch.full_like(labels, IGNORE))
+            means.append(fcm_label_loss(memberships, only_this_class, q=q))
             weights.append(float(count) ** (1.0 - balance))
     if not means:
         return memberships.sum() * 0.0
@@ -355,9 +356,11 @@ def train(config: TrainConfig, progress: Optional[ProgressCallback] = None,
     order = order_clusters_by_spect(network, cases, context.device) if config.unsupervised else None
     if context.is_main:
         network.eval()
-        validation = validate(LoadedModel(network, new_card(network, config.spacing_mm,
-                                                            segments_beyond_spect=config.beyond_spect)),
-                              config.validation_phantoms, str(context.device), real_ct) if config.validation_phantoms else {}
+        validation = {}
+        if config.validation_phantoms:
+            trained = LoadedModel(network, new_card(network, config.spacing_mm,
+                                                    segments_beyond_spect=config.beyond_spect))
+            validation = validate(trained, config.validation_phantoms, str(context.device), real_ct)
         card = _save(network, config, config.steps, losses, started, context, validation, order, init_sha256)
         log(f"wrote {config.out}; validation {json.dumps(validation)}")
     if context.world > 1:

@@ -134,8 +134,9 @@ def paint_strokes(truth: np.ndarray, prediction: Optional[np.ndarray], spacing_x
     ``spread_mm`` (default 25 mm for seeds, 10 mm for corrections) from earlier strokes of its own code,
     so repeated strokes in one region spread out. allowed: where strokes may go (e.g. the
     SPECT's field of view; None = everywhere). class_allowed: further limits for strokes of one true class
-    (e.g. background seeds only inside the body, where a person paints them). classes: the classes served round-robin (default (1, 2)
-    for corrections, (0, 1, 2) for seeds). confirming: paint inside regions the prediction labels right.
+    (e.g. background seeds only inside the body, where a person paints them). classes: the classes served
+    round-robin (default (1, 2) for corrections, (0, 1, 2) for seeds). confirming: paint inside regions the
+    prediction labels right.
     """
     truth = np.asarray(truth)
     spacing_zyx = np.asarray(spacing_xyz, dtype=float)[::-1]
@@ -147,7 +148,8 @@ def paint_strokes(truth: np.ndarray, prediction: Optional[np.ndarray], spacing_x
     painted = np.zeros(truth.shape, bool)
     allowed = np.ones(truth.shape, bool) if allowed is None else allowed.astype(bool)
     codes = np.zeros(truth.shape, np.uint8)
-    painted_code = np.zeros(truth.shape, np.uint8) if painted_codes is None else np.asarray(painted_codes, np.uint8).copy()
+    painted_code = (np.zeros(truth.shape, np.uint8) if painted_codes is None
+                    else np.asarray(painted_codes, np.uint8).copy())
     painted |= painted_code > 0
     strokes: List[Stroke] = []
     if count <= 0:

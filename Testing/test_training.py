@@ -116,8 +116,8 @@ def test_training_can_continue_from_a_model_file(tmp_path):
     after = dict(load_model(tmp_path / "next.pt").network.named_parameters())
     moved = max(float((after[k] - before[k]).detach().abs().max()) for k in before)
     assert moved < 0.1  # one step from the loaded weights
+    other_architecture = dict(TINY, channels=(4, 8, 16))
     with pytest.raises(InputError, match="architecture"):
-        other_architecture = dict(TINY, channels=(4, 8, 16))
         train(TrainConfig(out=str(tmp_path / "bad.pt"), init=str(tmp_path / "start.pt"), **other_architecture),
               log=lambda line: None)
 

@@ -169,9 +169,9 @@ def train_config_from_args(args: argparse.Namespace):
         out=args.out, phantoms=args.phantoms, ct_phantoms=args.ct_phantoms, ct_path=args.from_ct,
         bone_labels_path=args.bone_labels, validation_phantoms=args.validation, seed=args.seed,
         steps=args.steps, batch=args.batch, crop=args.crop, learning_rate=args.lr, alpha=args.alpha,
-        beta=args.beta, unsupervised=args.unsupervised, class_balance=args.class_balance, device=args.device,
-        threads=args.threads,
-        checkpoint_every=args.checkpoint_every, channels=tuple(args.channels), init=args.init,
+        beta=args.beta, unsupervised=args.unsupervised, class_balance=args.class_balance,
+        device=args.device, threads=args.threads, checkpoint_every=args.checkpoint_every,
+        channels=tuple(args.channels), init=args.init,
         spect_truncation=args.spect_truncation, spect_gain_sd=args.spect_gain_sd,
         **({"spacing_mm": args.spacing} if args.spacing is not None else {}),
     )

@@ -12,7 +12,14 @@ from FCMSegmentationLib.metrics import evaluate_images
 from FCMSegmentationLib.modelfile import load_model
 from FCMSegmentationLib.preprocessing import prepare_case
 from FCMSegmentationLib.refinement import (
-    RefinementSession, RefineSettings, balanced_label_loss, offsets_at, still_wrong, upsample_offsets,
+    RefinementSession,
+    RefineSettings,
+    _adam,
+    balanced_label_loss,
+    fused_adam_runs,
+    offsets_at,
+    still_wrong,
+    upsample_offsets,
 )
 from FCMSegmentationLib.scribbles import UNLABELLED, scribbles_to_labels
 
@@ -482,3 +489,26 @@ def test_confirming_strokes_pull_only_while_wrong_and_correcting_strokes_always(
     confirming = torch.tensor([True, True, False, False]).reshape(1, 4, 1)
     assert session._pulling(memberships, labels, confirming).flatten().tolist() == [UNLABELLED, 0, 0, 0]
     assert session._pulling(memberships, labels, None).flatten().tolist() == [0, 0, 0, 0]
+
+
+def test_adam_is_unfused_where_the_fused_kernel_fails_at_its_first_step(monkeypatch):
+    """torch < 2.4 builds a fused Adam for CPU tensors and fails only at its first step (no CPU kernel):
+    Refine must then run the plain Adam, not crash (Slicer on macOS is capped at torch 2.2)."""
+    class FusedStepFails(torch.optim.Adam):
+        def step(self, closure=None):
+            if self.defaults["fused"]:
+                raise NotImplementedError("Could not run 'aten::_fused_adam_' with arguments from the 'CPU' backend")
+            return super().step(closure)
+
+    monkeypatch.setattr(torch.optim, "Adam", FusedStepFails)
+    fused_adam_runs.cache_clear()
+    try:
+        assert not fused_adam_runs("cpu")
+        weight = torch.nn.Parameter(torch.ones(3))
+        optimiser = _adam([{"params": [weight], "lr": 0.1}])
+        assert not optimiser.defaults["fused"]
+        weight.grad = torch.ones(3)
+        optimiser.step()
+        assert bool((weight < 1).all())
+    finally:
+        fused_adam_runs.cache_clear()  # the next caller probes the real Adam again

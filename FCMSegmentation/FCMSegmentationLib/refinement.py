@@ -20,6 +20,7 @@ including a cancel, leaves the session exactly as it was: training works on a co
 at the end.
 """
 import copy
+import functools
 import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Dict, List, Optional, Tuple, Union
@@ -496,11 +497,23 @@ class RefinementSession:
 
 
 def _adam(groups: List[Dict[str, Any]]) -> torch.optim.Optimizer:
-    """Adam, fused where this torch supports it on this device (several times faster on the offsets)."""
+    """Adam, fused where this torch runs it on the parameters' device (several times faster on the offsets)."""
+    device = groups[0]["params"][0].device
+    return torch.optim.Adam(groups, fused=True) if fused_adam_runs(str(device)) else torch.optim.Adam(groups)
+
+
+@functools.lru_cache(maxsize=None)
+def fused_adam_runs(device: str) -> bool:
+    """Whether fused Adam takes a step on ``device`` with this torch. Tried, not read off the version: torch
+    before 2.4 accepts ``fused=True`` for CPU tensors and fails only at the first step (no CPU kernel)."""
+    probe = torch.zeros(1, device=device, requires_grad=True)
     try:
-        return torch.optim.Adam(groups, fused=True)
-    except (RuntimeError, TypeError):  # torch < 2.4 has no fused Adam on the CPU
-        return torch.optim.Adam(groups)
+        optimiser = torch.optim.Adam([probe], fused=True)
+        probe.grad = torch.ones_like(probe)
+        optimiser.step()
+    except (RuntimeError, TypeError):  # NotImplementedError is a RuntimeError
+        return False
+    return True
 
 
 def balanced_label_loss(memberships: torch.Tensor, labels: torch.Tensor, q: float) -> torch.Tensor:

@@ -3,8 +3,11 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 OUT ?= out
+# The compatibility floor (docs: Slicer on macOS runs under Rosetta, which caps numpy below 2 and torch at 2.2).
+FLOOR ?= $(OUT)/floor-venv
+FLOOR_TORCH ?= 2.13.0
 
-.PHONY: install test demo bench figures clean
+.PHONY: install test test-floor demo bench figures clean
 
 install:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
@@ -12,6 +15,14 @@ install:
 
 test: install
 	$(PYTHON) -m pytest -n 2 -q Testing
+
+# The suite again in a separate environment with numpy 1.x (CI runs it after `make test`).
+# `make test-floor FLOOR_TORCH=2.2.2` also takes torch down to 2.2; its Linux wheels pull ~3 GB of CUDA packages.
+test-floor:
+	$(PYTHON) -m venv $(FLOOR)
+	$(FLOOR)/bin/python -m pip install -q "torch==$(FLOOR_TORCH)" "numpy<2" -e ".[test,bench]"
+	$(FLOOR)/bin/python -c "import numpy, torch; print('floor: numpy', numpy.__version__, 'torch', torch.__version__)"
+	$(FLOOR)/bin/python -m pytest -n 2 -q Testing
 
 demo: install
 	$(PYTHON) -m FCMSegmentationLib.demo --out $(OUT)/demo

@@ -129,6 +129,7 @@ def test_fcm_baseline_returns_labels_on_the_truth_grid(tiny_case):
 
 
 def test_growcut_labels_agree_with_seeds_and_update_incrementally(tiny_case, truth_array):
+    pytest.importorskip("slicer", reason="slicer-core (Grow-from-seeds) is not installed")
     spect, ct, truth = tiny_case
     codes, _ = seed_strokes(truth_array, truth.GetSpacing(), 1, np.random.default_rng(0))
     growcut = classical.GrowCut(classical.growcut_intensity(spect, ct, truth), truth)

@@ -32,6 +32,7 @@ bench: install
 	$(PYTHON) scripts/bench_inference.py
 	$(PYTHON) scripts/bench_accuracy.py
 	$(PYTHON) scripts/bench_refine.py
+	$(PYTHON) scripts/bench_alignment.py
 
 # The README's walkthrough pictures, rendered from real MRML output (slicer-core).
 figures: install

@@ -62,7 +62,8 @@ class FCMSegmentation(ScriptedLoadableModule):
         self.parent.contributors = ["FCMSegmentation developers (https://github.com/fcmsegmentation/FCMSegmentation)"]
         self.parent.helpText = _("""
 Segments <b>bone</b> and <b>bone lesions</b> in SPECT (optionally with CT) with a U-Net trained with
-the robust fuzzy C-means loss, shows the soft memberships, and lets you correct the result: paint a few
+the robust fuzzy C-means loss, after moving the SPECT back onto the CT where the patient moved between
+the scans, shows the soft memberships, and lets you correct the result: paint a few
 strokes (Background, Bone, Lesion) and press <b>Refine</b> to fine-tune the network on this image in a
 few seconds. <b>Adapt without labels</b> fine-tunes on the image alone (new scanner or reconstruction).
 Work runs in the background; Cancel stops it without changing anything.
@@ -155,6 +156,7 @@ class FCMSegmentationParameterNode:
     modelPath: model file; empty means the shipped default model.
     device: auto, cuda, mps or cpu. steps, alpha, beta: fine-tuning settings for Refine and Adapt.
     patchSize: sliding-window patch edge in voxels. showMemberships: also create membership volumes.
+    alignSpect: first undo a rigid SPECT/CT misregistration (patient motion between the scans).
     """
 
     spectVolume: vtkMRMLScalarVolumeNode
@@ -168,6 +170,7 @@ class FCMSegmentationParameterNode:
     beta: Annotated[float, WithinRange(0.0, 0.1)] = DEFAULT_BETA
     patchSize: Annotated[int, WithinRange(32, 256)] = DEFAULT_PATCH
     showMemberships: bool = False
+    alignSpect: bool = True
 
 
 #
@@ -198,7 +201,8 @@ class FCMTask:
         self.job.cancelEvent.set()
 
 
-def _newSession(spect, ct, modelPath: str, randomWeights: bool, device: str, patchSize: int, progress, cancel):
+def _newSession(spect, ct, modelPath: str, randomWeights: bool, device: str, patchSize: int, alignSpect: bool,
+                progress, cancel):
     """Worker thread: a RefinementSession on the given images with the chosen model."""
     from FCMSegmentationLib.refinement import RefinementSession
 
@@ -209,7 +213,7 @@ def _newSession(spect, ct, modelPath: str, randomWeights: bool, device: str, pat
         model = random_model("cpu")
     elif modelPath:
         model = modelPath
-    return RefinementSession(spect, ct, model=model, device=device, patch=int(patchSize),
+    return RefinementSession(spect, ct, model=model, device=device, patch=int(patchSize), align=bool(alignSpect),
                              progress=progress, cancel=cancel)
 
 
@@ -464,10 +468,11 @@ class FCMSegmentationLogic(ScriptedLoadableModuleLogic):
 
     def startSegment(self, spectNode, ctNode=None, outputSegmentationNode=None, modelPath: str = "",
                      device: str = "auto", patchSize: int = DEFAULT_PATCH, showMemberships: bool = False,
-                     randomWeights: bool = False) -> FCMTask:
+                     randomWeights: bool = False, alignSpect: bool = True) -> FCMTask:
         """Start segmenting ``spectNode`` (+ ``ctNode``) into ``outputSegmentationNode`` (created if None).
 
         ``randomWeights`` runs an untrained network (smoke tests only: the result is meaningless).
+        ``alignSpect`` first undoes a rigid SPECT/CT misregistration (with a CT; the note says what moved).
         """
         self._checkIdle()
         if spectNode is None:
@@ -480,10 +485,11 @@ class FCMSegmentationLogic(ScriptedLoadableModuleLogic):
             outputSegmentationNode = self.createOutputSegmentation(spectNode)
         referenceNode = ctNode if ctNode is not None else spectNode
         key = (spectNode.GetID(), ctNode.GetID() if ctNode is not None else None, modelPath or "",
-               bool(randomWeights), device)
+               bool(randomWeights), device, bool(alignSpect))
 
         def work(progress, cancel):
-            session = _newSession(spect, ct, modelPath, randomWeights, device, patchSize, progress, cancel)
+            session = _newSession(spect, ct, modelPath, randomWeights, device, patchSize, alignSpect, progress,
+                                  cancel)
             return session, session.segment()
 
         def apply(output):
@@ -493,7 +499,13 @@ class FCMSegmentationLogic(ScriptedLoadableModuleLogic):
             self._outputNode = outputSegmentationNode
             self._referenceNode = referenceNode
             self._showMemberships = bool(showMemberships)
-            return self._applyResult(result)
+            summary = self._applyResult(result)
+            alignmentNode = self._mrml().write_alignment(slicer.mrmlScene, result.alignment, spectNode)
+            if alignmentNode is not None and result.alignment.applied:
+                summary += "\n" + _("Transform '{name}' holds that correction: put the SPECT under it (Data "
+                                     "module) to see it where it was segmented.").format(name=alignmentNode.GetName())
+                self.lastSummary = summary
+            return summary
 
         return self._submit(_("Segmenting"), work, apply)
 
@@ -567,10 +579,10 @@ class FCMSegmentationLogic(ScriptedLoadableModuleLogic):
 
     def segment(self, spectNode, ctNode=None, outputSegmentationNode=None, modelPath: str = "",
                 device: str = "auto", patchSize: int = DEFAULT_PATCH, showMemberships: bool = False,
-                randomWeights: bool = False, progress=None) -> str:
+                randomWeights: bool = False, progress=None, alignSpect: bool = True) -> str:
         """Segment and wait; returns the statistics line. See :meth:`startSegment`."""
         return self.wait(self.startSegment(spectNode, ctNode, outputSegmentationNode, modelPath, device,
-                                           patchSize, showMemberships, randomWeights), progress)
+                                           patchSize, showMemberships, randomWeights, alignSpect), progress)
 
     def refine(self, scribbleSegmentationNode, steps: int = DEFAULT_STEPS, alpha: float = DEFAULT_ALPHA,
                beta: float = DEFAULT_BETA, showMemberships: Optional[bool] = None, progress=None) -> str:
@@ -820,7 +832,7 @@ class FCMSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if not p.outputSegmentation:
                 p.outputSegmentation = self.logic.createOutputSegmentation(p.spectVolume)
             task = self.logic.startSegment(p.spectVolume, p.ctVolume, p.outputSegmentation, p.modelPath,
-                                           p.device, p.patchSize, p.showMemberships)
+                                           p.device, p.patchSize, p.showMemberships, alignSpect=p.alignSpect)
             self._track(task, self._afterSegment)
 
     def _afterSegment(self, summary: str) -> None:
@@ -962,7 +974,8 @@ def syntheticTestSpect(size: int = 36, spacing: float = 4.0, seed: int = 0):
 
 
 class FCMSegmentationTest(ScriptedLoadableModuleTest):
-    """CPU-sized end-to-end test: segment, paint strokes, refine 5 steps, undo."""
+    """CPU-sized end-to-end tests: segment, paint strokes, refine 5 steps, undo; and a SPECT/CT pair moved
+    apart by patient motion, aligned again through Slicer's volume nodes."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
@@ -970,6 +983,8 @@ class FCMSegmentationTest(ScriptedLoadableModuleTest):
     def runTest(self):
         self.setUp()
         self.test_SegmentRefineUndo()
+        self.setUp()
+        self.test_AlignMisregisteredSpect()
 
     def _segmentArray(self, segmentationNode, name, referenceNode):
         segmentId = segmentationNode.GetSegmentation().GetSegmentIdBySegmentName(name)
@@ -1034,4 +1049,45 @@ class FCMSegmentationTest(ScriptedLoadableModuleTest):
         np.testing.assert_array_equal(sitk.GetArrayFromImage(logic.lastResult.labels), before)
         np.testing.assert_array_equal(self._segmentArray(outputNode, "Bone", spectNode), boneBefore)
         np.testing.assert_array_equal(self._segmentArray(outputNode, "Lesion", spectNode), lesionBefore)
+        self.delayDisplay("Test passed")
+
+    def test_AlignMisregisteredSpect(self):
+        import dataclasses
+
+        import numpy as np
+        import sitkUtils
+        from FCMSegmentationLib.phantoms import TRAINING_RANGES, misregistration_transform, procedural_phantom
+
+        self.delayDisplay("Simulating a SPECT/CT phantom with the SPECT moved 4 mm and turned 2 degrees")
+        ranges = dataclasses.replace(TRAINING_RANGES, field_width_mm=(300.0, 300.0), field_length_mm=(160.0, 160.0),
+                                     ct_spacing_mm=(3.0, 3.0), ct_slice_mm=(3.0, 3.0),
+                                     misregistration_shift_mm=(4.0, 4.0), misregistration_rotation_deg=(2.0, 2.0))
+        phantom = procedural_phantom(33, ranges)
+        spectNode = sitkUtils.PushVolumeToSlicer(phantom.spect, None, "FCMTestSPECT", "vtkMRMLScalarVolumeNode")
+        ctNode = sitkUtils.PushVolumeToSlicer(phantom.ct, None, "FCMTestCT", "vtkMRMLScalarVolumeNode")
+
+        logic = FCMSegmentationLogic()
+        logic.ensureDependencies()
+        self.delayDisplay("Segmenting with the alignment on")
+        logic.segment(spectNode, ctNode, device="cpu", randomWeights=not logic.defaultModelAvailable())
+        self.assertTrue(any(note.startswith("SPECT aligned to the CT") for note in logic.lastResult.notes),
+                        logic.lastResult.notes)
+        found = logic._session.case.alignment.transform
+        truth = misregistration_transform(phantom.params)
+        centre = np.array(truth.GetCenter())
+        points = [centre + offset for offset in ([0, 0, 0], [60, 0, 0], [0, 60, 0], [0, 0, 40])]
+        error = max(np.linalg.norm(np.subtract(found.TransformPoint(p.tolist()), truth.TransformPoint(p.tolist())))
+                    for p in points)
+        self.assertLess(error, 1.5, "the alignment found through the volume nodes is off by %.1f mm" % error)
+
+        self.delayDisplay("Showing the SPECT where it was segmented")
+        from FCMSegmentationLib import mrml
+        from FCMSegmentationLib.alignment import move_spect
+
+        transformNode = slicer.mrmlScene.GetFirstNodeByName(mrml.ALIGNMENT_NODE_NAME)
+        self.assertIsNotNone(transformNode, "no alignment transform node was made")
+        spectNode.SetAndObserveTransformNodeID(transformNode.GetID())
+        shown, expected = mrml.volume_node_to_sitk(spectNode), move_spect(phantom.spect, found)
+        np.testing.assert_allclose(shown.GetOrigin(), expected.GetOrigin(), atol=1e-3)
+        np.testing.assert_allclose(shown.GetDirection(), expected.GetDirection(), atol=1e-6)
         self.delayDisplay("Test passed")

@@ -469,3 +469,58 @@ def test_segment_then_refine_round_trip(scene):
     assert [n.GetID() for n in again.membership_nodes] == [n.GetID() for n in applied.membership_nodes]
     exported = export_segments(seg_node, [again.segment_ids["bone"], again.segment_ids["lesion"]], ct_node)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(exported), sitk.GetArrayFromImage(refined.labels))
+
+
+# ----------------------------------------------------------------------------------------- alignment
+
+def rigid(translation, rotation=(0.0, 0.0, 0.0), centre=(5.0, -20.0, 30.0)) -> sitk.Euler3DTransform:
+    transform = sitk.Euler3DTransform()
+    transform.SetCenter(centre)
+    transform.SetRotation(*rotation)
+    transform.SetTranslation(translation)
+    return transform
+
+
+def moved_by(transform: sitk.Euler3DTransform):
+    from FCMSegmentationLib.alignment import Alignment
+
+    return Alignment(transform, True, 3.0, 2.0, "moved")
+
+
+def not_moved():
+    from FCMSegmentationLib.alignment import Alignment
+
+    return Alignment(sitk.Euler3DTransform(), False, 0.0, 0.0, "not checked")
+
+
+def test_alignment_node_shows_the_spect_where_segmenting_used_it(scene):
+    from FCMSegmentationLib.alignment import move_spect
+
+    spect = make_image(np.arange(60, dtype=np.float32).reshape(3, 4, 5))
+    node = mrml.sitk_to_volume_node(spect, scene, "SPECT")
+    correction = rigid((2.5, -1.5, 3.0), (0.02, -0.03, 0.025))
+    transform_node = mrml.write_alignment(scene, moved_by(correction), node)
+    node.SetAndObserveTransformNodeID(transform_node.GetID())
+    assert_same_geometry(mrml.volume_node_to_sitk(node), move_spect(spect, correction), 1e-9)
+    # Segmenting again with the SPECT under the node: what is found now adds to what the node holds.
+    seen = mrml.volume_node_to_sitk(node)
+    further = rigid((-0.5, 0.25, 1.0), (0.0, 0.01, 0.0))
+    mrml.write_alignment(scene, moved_by(further), node)
+    assert_same_geometry(mrml.volume_node_to_sitk(node), move_spect(seen, further), 1e-9)
+    mrml.write_alignment(scene, not_moved(), node)  # nothing more to move: the node stays
+    assert_same_geometry(mrml.volume_node_to_sitk(node), move_spect(seen, further), 1e-9)
+
+
+def test_alignment_node_is_reused_and_reset_for_a_spect_not_under_it(scene):
+    spect = mrml.sitk_to_volume_node(make_image(np.zeros((3, 4, 5), np.float32)), scene, "SPECT")
+    assert mrml.write_alignment(scene, None, spect) is None
+    assert mrml.write_alignment(scene, not_moved(), spect) is None
+    assert scene.GetNumberOfNodesByClass("vtkMRMLLinearTransformNode") == 0  # nothing made when nothing moved
+    first = mrml.write_alignment(scene, moved_by(rigid((4.0, 0.0, 0.0))), spect)
+    assert first.GetName() == mrml.ALIGNMENT_NODE_NAME
+    again = mrml.write_alignment(scene, not_moved(), spect)
+    assert again.GetID() == first.GetID()
+    assert scene.GetNumberOfNodesByClass("vtkMRMLLinearTransformNode") == 1
+    matrix = vtk.vtkMatrix4x4()
+    again.GetMatrixTransformToParent(matrix)
+    np.testing.assert_allclose([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)], np.eye(4))

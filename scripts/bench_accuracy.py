@@ -303,7 +303,9 @@ def report(docs: Path, data: Dict[str, Any], figure: Path, overlay: Optional[Pat
         f"{fmt_mean_sd(overall[UPTAKE_BOUND]['lesion'])} (row *{UPTAKE_BOUND}*), "
         f"{'below' if (overall[UPTAKE_BOUND]['lesion']['mean'] or 0.0) < TARGETS['lesion'] else 'not below'} "
         f"the lesion target of {TARGETS['lesion']:.2f}: what the simulated misregistration alone leaves a "
-        "method that places lesions by their uptake.",
+        "method that places lesions by their uptake without first aligning the SPECT to the CT. The model "
+        "aligns it (`alignment.py`; section *SPECT/CT alignment* below) where the two overlap over 60 mm or "
+        "more along every axis: on the procedural cases, not on the CT-derived slabs.",
         "",
         "Lesion by lesion, pooled over all cases (`metrics.lesion_detection`; a lesion is a 26-connected "
         "component of the lesion label): a true lesion is found when any predicted lesion voxel touches it; "
@@ -371,8 +373,8 @@ def report(docs: Path, data: Dict[str, Any], figure: Path, overlay: Optional[Pat
         "finds and delineates lesions perfectly by their uptake, with no help from the CT, would score: the "
         "misregistration alone costs a lesion of 5–15 mm, or the thin part of a lesion inside cortex, much of "
         "its Dice. The model can beat it only where the CT shows the lesion (half the lesions are sclerotic "
-        "or lytic) or by aligning the SPECT's bone to the CT's. Its bone Dice is no bound for the model, which "
-        "takes bone from the CT.",
+        "or lytic) or by aligning the SPECT's bone to the CT's, as it does. Its bone Dice is no bound for the "
+        "model, which takes bone from the CT.",
         "",
         f"![Dice per class and method]({relative_to_docs(figure, docs)})",
     ]

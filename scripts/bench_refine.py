@@ -37,14 +37,14 @@ import numpy as np  # noqa: E402
 
 from benchlib import classical  # noqa: E402
 from benchlib.common import (  # noqa: E402
-    ACCURACY_SEED_OFFSETS, CLASSES, REPO, command_line, fmt_mean_sd, held_out_plan, load_benchmark_model,
-    machine_line, markdown_table, mean_sd, read_real_ct, relative_to_docs, save_figure, write_json, write_section,
+    ACCURACY_SEED_OFFSETS, CLASSES, REPO, SHIFTED_SEED_OFFSETS, command_line, fmt_mean_sd, held_out_plan,
+    load_benchmark_model, machine_line, markdown_table, mean_sd, read_real_ct, relative_to_docs, save_figure,
+    write_json, write_section,
 )
 from benchlib.simulated_user import codes_image, paint_strokes, seed_strokes  # noqa: E402
 
 SECTION = "bench_refine"
-SHIFTED_SEED_OFFSET = 200
-SHIFTED_CT_SEED_OFFSET = 250
+SHIFTED_SEED_OFFSET, SHIFTED_CT_SEED_OFFSET = SHIFTED_SEED_OFFSETS
 SPEED_SEED_OFFSET = 300
 SEEDS_PER_CLASS = 3
 CORRECTS, CONFIRMS = "corrects", "confirms"  # the simulated users: strokes on errors only, or one confirming

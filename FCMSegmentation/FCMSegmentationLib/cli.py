@@ -61,7 +61,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     with progress_bar("segment") as progress:
         result = segment(spect, ct, model, device=args.device, patch=args.patch, progress=progress,
                          keep_lesions_outside_bone=args.keep_lesions_outside_bone,
-                         complete_cortex_edge=not args.no_cortex_completion)
+                         complete_cortex_edge=not args.no_cortex_completion, align=not args.no_align)
     write_image(result.labels, output)
     if memberships_path is not None:
         write_image(result.memberships, memberships_path)
@@ -128,7 +128,7 @@ def _open_session(args: argparse.Namespace):
     with progress_bar("features") as progress:
         return RefinementSession(spect, ct, model, args.device, RefineSettings(mode=args.mode), progress=progress,
                                  keep_lesions_outside_bone=args.keep_lesions_outside_bone,
-                                 complete_cortex_edge=not args.no_cortex_completion)
+                                 complete_cortex_edge=not args.no_cortex_completion, align=not args.no_align)
 
 
 def cmd_refine(args: argparse.Namespace) -> int:
@@ -226,6 +226,9 @@ def _add_ct_rule_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-cortex-completion", action="store_true",
                         help="label bone as the network's working grid gives it, without putting back from the CT "
                              "the dense bone edge that the grid rounds off")
+    parser.add_argument("--no-align", action="store_true",
+                        help="use the SPECT where it was recorded, without first undoing a rigid SPECT/CT "
+                             "misregistration (patient motion between the scans)")
 
 
 def _add_session_arguments(parser: argparse.ArgumentParser) -> None:

@@ -500,6 +500,45 @@ def format_statistics(stats: Dict[str, Optional[float]]) -> str:
     return f"Bone {stats['bone_ml']:.1f} mL · Lesion {stats['lesion_ml']:.1f} mL · lesion/bone {ratio}"
 
 
+# ---------------------------------------------------------------------------------------- alignment
+
+ALIGNMENT_NODE_NAME = "FCM SPECT alignment"
+
+
+def rigid_to_ras(transform: sitk.Euler3DTransform) -> np.ndarray:
+    """The 4x4 RAS matrix of a rigid LPS transform (as a transform to parent: local point -> world)."""
+    rotation = np.array(transform.GetMatrix()).reshape(3, 3)
+    centre = np.array(transform.GetCenter())
+    lps = np.eye(4)
+    lps[:3, :3] = rotation
+    lps[:3, 3] = centre + np.array(transform.GetTranslation()) - rotation @ centre
+    flip = np.diag([-1.0, -1.0, 1.0, 1.0])
+    return flip @ lps @ flip
+
+
+def write_alignment(scene: "slicer.vtkMRMLScene", alignment, spect_node: "slicer.vtkMRMLVolumeNode",
+                    name: str = ALIGNMENT_NODE_NAME) -> Optional["slicer.vtkMRMLLinearTransformNode"]:
+    """Record a Segment's SPECT/CT alignment (:class:`alignment.Alignment`) in the linear transform node
+    ``name`` (created when first needed): placing ``spect_node`` under it shows the SPECT where segmenting
+    used it. If the SPECT was already under that node, segmenting saw it moved, so the new correction is
+    composed with the node's; otherwise the node holds the correction alone (identity when nothing was
+    moved, so an earlier study's correction is never left behind). None when there is no node to show."""
+    node = scene.GetFirstNodeByName(name)
+    node = node if node is not None and node.IsA("vtkMRMLLinearTransformNode") else None
+    applied = alignment is not None and alignment.applied
+    if node is None and not applied:
+        return None
+    if node is None:
+        node = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", name)
+    observed = spect_node is not None and spect_node.GetTransformNodeID() == node.GetID()
+    before = vtk.vtkMatrix4x4()
+    node.GetMatrixTransformToParent(before)
+    base = _matrix_to_numpy(before) if observed else np.eye(4)
+    step = rigid_to_ras(alignment.transform) if applied else np.eye(4)
+    node.SetMatrixTransformToParent(_numpy_to_matrix(step @ base))
+    return node
+
+
 # ---------------------------------------------------------------------------------------- everything
 
 @dataclass

@@ -23,6 +23,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import numpy as np
 import SimpleITK as sitk
 
+from .alignment import Alignment, align_spect
 from .errors import InputError
 
 NUM_CLASSES = 3
@@ -51,6 +52,8 @@ class WorkingCase:
     notes: human-readable remarks (partial overlap, replaced NaNs, ...), for the user to see.
     dense_bone: bool (Z, Y, X) on the output grid, the CT above :data:`DENSE_BONE_HU` (None without a CT):
     where :func:`cortex.complete_cortex` may add bone.
+    alignment: the SPECT/CT misregistration looked for and, where found, undone (:mod:`alignment`); None
+    when not looked for (no CT, or not asked).
     """
 
     features: np.ndarray
@@ -62,6 +65,7 @@ class WorkingCase:
     notes: List[str] = field(default_factory=list)
     beyond_spect: bool = False
     dense_bone: Optional[np.ndarray] = None
+    alignment: Optional[Alignment] = None
 
     @property
     def segmented(self) -> np.ndarray:
@@ -183,12 +187,14 @@ def normalise_ct(hu: np.ndarray) -> np.ndarray:
 
 def prepare_case(
     spect: sitk.Image, ct: Optional[sitk.Image] = None, spacing_mm: float = DEFAULT_SPACING_MM,
-    beyond_spect: bool = False,
+    beyond_spect: bool = False, align: bool = False,
 ) -> WorkingCase:
-    """Validate, align and normalise a SPECT (and optional CT) into a :class:`WorkingCase`.
+    """Validate, resample and normalise a SPECT (and optional CT) into a :class:`WorkingCase`.
 
     The working grid covers the SPECT's overlap with the CT, or the whole CT when ``beyond_spect`` (for
-    models trained to segment bone where only the CT sees it).
+    models trained to segment bone where only the CT sees it). align: first undo a rigid SPECT/CT
+    misregistration (:mod:`alignment`). Segmenting does; training does not, so the network still learns to
+    tolerate the misregistration that alignment leaves, and the shipped model's recipe is unchanged.
     """
     notes: List[str] = []
     spect = as_volume(spect, "SPECT", notes)
@@ -196,6 +202,10 @@ def prepare_case(
         notes.append("SPECT has negative values (reconstruction artefact): clipped to 0")
         spect = sitk.Clamp(spect, sitk.sitkFloat32, lowerBound=0.0)
     reference = as_volume(ct, "CT", notes) if ct is not None else spect
+    alignment = None
+    if align and ct is not None:
+        spect, alignment = align_spect(spect, reference)
+        notes.append(alignment.note)
     lo, hi = overlap_region(reference, spect)
     full = np.array(reference.GetSize(), dtype=float)
     beyond_spect = beyond_spect and ct is not None
@@ -220,7 +230,7 @@ def prepare_case(
     features = np.stack([spect_norm * valid, ct_norm, present]).astype(np.float32)
     dense_bone = dense_bone_mask(reference) if ct is not None else None
     return WorkingCase(features, valid, grid, geometry_of(reference), scale, ct is not None, notes, beyond_spect,
-                       dense_bone)
+                       dense_bone, alignment)
 
 
 def dense_bone_mask(ct: sitk.Image) -> np.ndarray:

@@ -175,6 +175,7 @@ class RefinementSession:
         cancel: Optional[CancelToken] = None,
         keep_lesions_outside_bone: bool = False,
         complete_cortex_edge: bool = True,
+        align: bool = True,
     ):
         self.device = resolve_device(device)
         self.keep_lesions_outside_bone = keep_lesions_outside_bone
@@ -185,7 +186,8 @@ class RefinementSession:
         self.model = LoadedModel(copy.deepcopy(loaded.network).to(self.device).eval(), copy.deepcopy(loaded.card))
         self.patch = patch
         report(progress, 0.0, "preparing images")
-        self.case: WorkingCase = prepare_case(spect, ct, self.model.spacing_mm, self.model.segments_beyond_spect)
+        self.case: WorkingCase = prepare_case(spect, ct, self.model.spacing_mm, self.model.segments_beyond_spect,
+                                              align)
         self._intensities, self._mask = self._rfcm_inputs()
         self._decision_weights = torch.tensor(self.model.decision_weights(self.case.has_ct), device=self.device)
         # the anchor holds every voxel that gets a prediction, beyond the SPECT field too

@@ -6,6 +6,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from .alignment import Alignment
 from .cortex import complete_cortex
 from .errors import InputError
 from .inference import DEFAULT_PATCH, describe_device, estimate_run, resolve_device, run_with_fallback, sliding_window
@@ -29,12 +30,14 @@ class SegmentationResult:
     """labels: uint8 image (0 background, 1 bone, 2 lesion) on the output grid.
     memberships: float32 image with one component per class on the output grid (sums to 1).
     device: where the network ran, in words. notes: remarks for the user (fallbacks, partial overlap).
+    alignment: the SPECT/CT alignment looked for before segmenting (:mod:`alignment`); None if not.
     """
 
     labels: sitk.Image
     memberships: sitk.Image
     device: str
     notes: List[str] = field(default_factory=list)
+    alignment: Optional[Alignment] = None
 
 
 def mask_outside_field_of_view(memberships: np.ndarray, case: WorkingCase) -> np.ndarray:
@@ -105,7 +108,7 @@ def result_from_working(memberships: np.ndarray, case: WorkingCase, device: str,
     labels = array_to_image(labels, case.output_reference)
     vector = sitk.GetImageFromArray(np.moveaxis(on_output, 0, -1), isVector=True)
     vector.CopyInformation(case.output_reference)
-    return SegmentationResult(labels, vector, device, list(case.notes) + notes)
+    return SegmentationResult(labels, vector, device, list(case.notes) + notes, case.alignment)
 
 
 def segment(
@@ -118,6 +121,7 @@ def segment(
     cancel: Optional[CancelToken] = None,
     keep_lesions_outside_bone: bool = False,
     complete_cortex_edge: bool = True,
+    align: bool = True,
 ) -> SegmentationResult:
     """Segment bone and lesions in ``spect`` (and ``ct`` if given) with ``model`` (default: shipped one).
 
@@ -125,7 +129,8 @@ def segment(
     are not in bone on the CT are left out (see :mod:`lesion_filter`) unless ``keep_lesions_outside_bone``.
     Labels follow the model's calibrated decision weights, and with a CT the dense edge of bone that the
     working grid rounds off is put back from the CT (see :mod:`cortex`) unless not ``complete_cortex_edge``;
-    the memberships are the network's, unweighted.
+    the memberships are the network's, unweighted. With a CT, a rigid SPECT/CT misregistration is first
+    found and undone (:mod:`alignment`) unless not ``align``.
     """
     torch_device = resolve_device(device)
     loaded = model if isinstance(model, LoadedModel) else load_model(model, torch_device)
@@ -133,7 +138,7 @@ def segment(
     if patch < multiple:
         raise InputError(f"patch size {patch} is too small; use at least {multiple} voxels (default {DEFAULT_PATCH})")
     report(progress, 0.0, "preparing images")
-    case = prepare_case(spect, ct, loaded.spacing_mm, loaded.segments_beyond_spect)
+    case = prepare_case(spect, ct, loaded.spacing_mm, loaded.segments_beyond_spect, align)
     # Upfront: how many patches, how long, how much memory (patching bounds the network's memory).
     estimate = estimate_run(case.features.shape[1:], patch, torch_device, loaded.network.config,
                             multiple=multiple, in_channels=case.features.shape[0], out_channels=NUM_CLASSES)

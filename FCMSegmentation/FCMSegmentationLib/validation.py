@@ -84,13 +84,14 @@ def score_models(
     progress: Optional[ProgressCallback] = None,
     keep_lesions_outside_bone: bool = False,
     complete_cortex_edge: bool = True,
+    align: bool = True,
 ) -> Dict[str, List[CaseScore]]:
     """Per-case Dice of every model in ``models`` on the phantoms of ``plan``, each phantom made once.
 
     ct, bone_labels: the real CT and its labels that CT-derived phantoms are built on (needed only if
     ``plan`` has any). ranges: simulation ranges (default: the training ranges). keep_lesions_outside_bone,
-    complete_cortex_edge: as in :func:`segmentation.segment` (to measure what the lesion filter and the
-    cortex completion do).
+    complete_cortex_edge, align: as in :func:`segmentation.segment` (to measure what the lesion filter, the
+    cortex completion and the SPECT/CT alignment do).
     """
     from .metrics import evaluate_images
     from .segmentation import segment
@@ -104,7 +105,7 @@ def score_models(
             for used in inputs:
                 result = segment(phantom.spect, phantom.ct if used == "spect_ct" else None, model, device=device,
                                  keep_lesions_outside_bone=keep_lesions_outside_bone,
-                                 complete_cortex_edge=complete_cortex_edge)
+                                 complete_cortex_edge=complete_cortex_edge, align=align)
                 dice = evaluate_images(result.labels, phantom.truth)
                 scores[name].append(CaseScore(kind, seed, used, dice["bone"], dice["lesion"]))
         report(progress, number / len(plan), f"validation phantom {number}/{len(plan)} ({kind}, seed {seed})")

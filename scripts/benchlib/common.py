@@ -25,6 +25,8 @@ DEFAULT_MODEL = ENGINE / "Resources" / "Models" / "fcmseg_default.pt"
 CLASSES = ("bone", "lesion")
 # seeds of the accuracy benchmark's cases, after BENCHMARK_SEED_BASE: procedural + i, CT-derived + 100 + i
 ACCURACY_SEED_OFFSETS = (0, 100)
+# the refinement benchmark's domain-shifted cases (SHIFTED_RANGES): procedural + i, CT-derived + i
+SHIFTED_SEED_OFFSETS = (200, 250)
 
 
 def held_out_plan(count: int, have_ct: bool, seed_offsets: Sequence[int] = ACCURACY_SEED_OFFSETS

@@ -8,7 +8,8 @@ import SimpleITK as sitk
 
 from FCMSegmentationLib import alignment
 from FCMSegmentationLib.alignment import (
-    estimate_alignment, motion, move_spect, overlap_extent_mm, rigid_registration, uptake_image, voxels_inside,
+    as_float32, estimate_alignment, motion, move_spect, overlap_extent_mm, overlap_samples, physical_points,
+    rigid_registration, uptake_image, voxels_inside,
 )
 from FCMSegmentationLib.phantoms import TRAINING_RANGES, misregistration_transform, procedural_phantom
 from FCMSegmentationLib.preprocessing import prepare_case
@@ -67,6 +68,31 @@ def test_voxels_inside_agrees_with_resampling_into_an_oblique_container():
     inside = voxels_inside(image, container)
     assert inside.shape == expected.shape and 0 < inside.sum() < inside.size
     assert np.array_equal(inside, expected.astype(bool))
+
+
+def test_physical_points_and_overlap_samples_follow_the_image_geometry():
+    image = sitk.Image([6, 5, 4], sitk.sitkFloat32)
+    image.SetSpacing((2.0, 3.0, 4.0))
+    image.SetOrigin((-7.0, 3.5, 11.0))
+    image.SetDirection(rigid(30.0, (0.4, 0.2, 1.0)).GetMatrix())
+    index = np.array([[0, 0, 0], [5, 4, 3], [2, 1, 3]], dtype=np.float64)
+    expected = [image.TransformIndexToPhysicalPoint([int(v) for v in i]) for i in index]
+    np.testing.assert_allclose(physical_points(image, index), expected, atol=1e-9)
+    inside = np.zeros((4, 5, 6), bool)
+    inside[1:3, 1:4, 2:5] = True
+    mask, points = overlap_samples(image, inside)
+    assert np.array_equal(sitk.GetArrayFromImage(mask), inside.astype(np.uint8))
+    assert mask.GetOrigin() == image.GetOrigin() and mask.GetDirection() == image.GetDirection()
+    kept = np.argwhere(inside)[::7, ::-1].astype(np.float64)
+    np.testing.assert_allclose(points, physical_points(image, kept))
+
+
+def test_as_float32_keeps_values_and_copies_only_other_types():
+    values = sitk.GetImageFromArray(np.array([[[-1000, 40, 1200]]], dtype=np.int16))
+    converted = as_float32(values)
+    assert converted.GetPixelID() == sitk.sitkFloat32
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(converted), [[[-1000.0, 40.0, 1200.0]]])
+    assert as_float32(converted) is converted
 
 
 def test_overlap_extent_is_the_bounding_box_in_mm_along_each_axis():

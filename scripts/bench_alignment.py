@@ -49,11 +49,12 @@ def bone_points(truth, rng: np.random.Generator) -> np.ndarray:
     """(N, 3) physical points of up to :data:`BONE_POINTS` bone voxels of ``truth``."""
     import SimpleITK as sitk
 
+    from FCMSegmentationLib.alignment import physical_points
+
     index = np.argwhere(sitk.GetArrayFromImage(truth) > 0)[:, ::-1]
     if len(index) > BONE_POINTS:
         index = index[rng.choice(len(index), BONE_POINTS, replace=False)]
-    matrix = np.array(truth.GetDirection()).reshape(3, 3) @ np.diag(truth.GetSpacing())
-    return np.array(truth.GetOrigin()) + index @ matrix.T
+    return physical_points(truth, index.astype(np.float64))
 
 
 def misregistration_left(found, truth, points: np.ndarray) -> float:
@@ -66,18 +67,14 @@ def mutual_information_peer(spect, ct):
     """The peer's transform: the SPECT registered to the CT's HU by Mattes mutual information."""
     import SimpleITK as sitk
 
-    from FCMSegmentationLib.alignment import rigid_registration, voxels_inside
+    from FCMSegmentationLib.alignment import as_float32, overlap_samples, rigid_registration, voxels_inside
 
     inside = voxels_inside(spect, ct)
     if not inside.any():
         return sitk.Euler3DTransform()
-    fixed = sitk.Cast(spect, sitk.sitkFloat32)
-    mask = sitk.GetImageFromArray(inside.astype(np.uint8))
-    mask.CopyInformation(fixed)
-    index = np.argwhere(inside)[:, ::-1].mean(axis=0)
-    centre = fixed.TransformContinuousIndexToPhysicalPoint(index.tolist())
+    mask, points = overlap_samples(spect, inside)
     try:
-        transform, _, _ = rigid_registration(fixed, sitk.Cast(ct, sitk.sitkFloat32), mask, centre,
+        transform, _, _ = rigid_registration(as_float32(spect), as_float32(ct), mask, points.mean(axis=0),
                                              "mutual_information")
     except RuntimeError:
         return sitk.Euler3DTransform()

@@ -47,8 +47,7 @@ def uptake_image(ct: sitk.Image, spacing_mm: float = UPTAKE_SPACING_MM) -> sitk.
     """The uptake a bone scan would show given ``ct`` (HU): 1 in the body, up to 1 + :data:`BONE_WEIGHT` in
     dense bone, 0 in air; float32 on an isotropic ``spacing_mm`` grid with the CT's direction and extent."""
     shrink = [max(1, int(spacing_mm // s)) for s in ct.GetSpacing()]
-    ct_float = ct if ct.GetPixelID() == sitk.sitkFloat32 else sitk.Cast(ct, sitk.sitkFloat32)  # any type, same sums
-    averaged = sitk.BinShrink(ct_float, shrink)  # block means: no aliasing
+    averaged = sitk.BinShrink(as_float32(ct), shrink)  # block means: no aliasing
     extent = np.array(ct.GetSize()) * np.array(ct.GetSpacing())
     size = [max(1, int(round(e / spacing_mm))) for e in extent]
     corner = np.array(ct.TransformContinuousIndexToPhysicalPoint([-0.5] * 3))
@@ -64,6 +63,11 @@ def uptake_image(ct: sitk.Image, spacing_mm: float = UPTAKE_SPACING_MM) -> sitk.
     image.SetSpacing([spacing_mm] * 3)
     image.SetDirection(ct.GetDirection())
     return image
+
+
+def as_float32(image: sitk.Image) -> sitk.Image:
+    """``image`` as float32, not copied when it already is (any input type then gives the same sums)."""
+    return image if image.GetPixelID() == sitk.sitkFloat32 else sitk.Cast(image, sitk.sitkFloat32)
 
 
 def voxels_inside(image: sitk.Image, container: sitk.Image) -> np.ndarray:
@@ -85,8 +89,17 @@ def _index_to_physical(image: sitk.Image) -> np.ndarray:
     return np.array(image.GetDirection()).reshape(3, 3) @ np.diag(image.GetSpacing())
 
 
-def _physical(image: sitk.Image, index_xyz: np.ndarray) -> np.ndarray:
+def physical_points(image: sitk.Image, index_xyz: np.ndarray) -> np.ndarray:
+    """(N, 3) physical points of the (N, 3) (x, y, z) voxel indices ``index_xyz`` of ``image``."""
     return np.array(image.GetOrigin()) + index_xyz @ _index_to_physical(image).T
+
+
+def overlap_samples(image: sitk.Image, inside: np.ndarray) -> Tuple[sitk.Image, np.ndarray]:
+    """(uint8 mask image of ``inside`` on ``image``'s grid, physical points of every 7th True voxel):
+    a registration's metric mask, and the points its centre and motion are taken over."""
+    mask = sitk.GetImageFromArray(inside.astype(np.uint8))
+    mask.CopyInformation(image)
+    return mask, physical_points(image, np.argwhere(inside)[::7, ::-1].astype(np.float64))
 
 
 def overlap_extent_mm(inside: np.ndarray, image: sitk.Image) -> np.ndarray:
@@ -147,12 +160,9 @@ def estimate_alignment(spect: sitk.Image, ct: sitk.Image) -> Alignment:
     if extent.min() < MIN_OVERLAP_MM:
         return _not_applied(f"SPECT/CT alignment not checked: the images overlap over only {extent.min():.0f} mm "
                             f"along one axis ({MIN_OVERLAP_MM:.0f} mm needed)")
-    fixed = sitk.Cast(spect, sitk.sitkFloat32)
-    mask = sitk.GetImageFromArray(inside.astype(np.uint8))
-    mask.CopyInformation(fixed)
-    points = _physical(spect, np.argwhere(inside)[::7, ::-1].astype(np.float64))
+    mask, points = overlap_samples(spect, inside)
     try:
-        transform, before, after = rigid_registration(fixed, uptake_image(ct), mask, points.mean(axis=0))
+        transform, before, after = rigid_registration(as_float32(spect), uptake_image(ct), mask, points.mean(axis=0))
     except RuntimeError as error:  # e.g. a constant SPECT: no correlation to maximise
         return _not_applied(f"SPECT/CT alignment not checked: registration failed ({str(error).strip()[-120:]})")
     shift, angle = motion(transform, points)

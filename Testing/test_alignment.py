@@ -8,8 +8,8 @@ import SimpleITK as sitk
 
 from FCMSegmentationLib import alignment
 from FCMSegmentationLib.alignment import (
-    as_float32, estimate_alignment, motion, move_spect, overlap_extent_mm, overlap_samples, physical_points,
-    rigid_registration, uptake_image, voxels_inside,
+    as_float32, body_mask, estimate_alignment, motion, move_spect, overlap_extent_mm, overlap_samples,
+    physical_points, rigid_registration, uptake_image, voxels_inside,
 )
 from FCMSegmentationLib.phantoms import TRAINING_RANGES, misregistration_transform, procedural_phantom
 from FCMSegmentationLib.preprocessing import prepare_case
@@ -121,6 +121,20 @@ def test_uptake_image_is_zero_in_air_one_in_soft_tissue_and_highest_in_dense_bon
     np.testing.assert_allclose(values[:, :, 8], 1.0 + alignment.BONE_WEIGHT)
 
 
+def test_body_mask_leaves_out_a_table_joined_to_the_body_by_a_thin_link():
+    foreground = np.zeros((12, 30, 30), bool)
+    z, y, x = np.mgrid[0:12, 0:30, 0:30]
+    body = ((y - 12) / 9.0) ** 2 + ((x - 15) / 11.0) ** 2 <= 1.0
+    table = (y >= 23) & (y <= 25)
+    link = (y >= 21) & (y <= 23) & (x == 15)  # one voxel wide: a pad or a point of contact
+    foreground[:] = body | table | link
+    mask = body_mask(foreground)
+    assert np.array_equal(mask[:, :22], body[:, :22])  # the whole body, its edge included
+    assert not mask[table].any()
+    assert np.array_equal(body_mask(foreground, opening_voxels=0), foreground)  # no opening: all joined
+    assert not body_mask(np.zeros_like(foreground)).any()
+
+
 def test_motion_measures_the_mean_shift_and_the_rotation_angle():
     points = np.array([[0.0, 0.0, 0.0], [10.0, 0.0, 0.0], [0.0, 10.0, 5.0]])
     assert motion(rigid(shift=(3.0, 4.0, 0.0)), points) == pytest.approx((5.0, 0.0))
@@ -161,6 +175,18 @@ def test_a_simulated_misregistration_is_found_to_within_a_millimetre(misregister
     assert residual_mm(found.transform, truth, points) < min(1.0, before / 4)
     assert found.mean_shift_mm == pytest.approx(before, abs=1.5)
     assert 0.5 < found.rotation_deg < 4.0
+
+
+def test_a_dense_table_under_the_patient_does_not_pull_the_alignment(misregistered_phantom):
+    case = misregistered_phantom
+    hu = sitk.GetArrayFromImage(case.ct).astype(np.float32)
+    below = np.nonzero((hu > -500).any(axis=(0, 2)))[0].max() + 1  # the first row under the body: touching
+    hu[:, below:below + 4, :] = 900.0  # a 12 mm slab, denser than most bone, with no uptake
+    with_table = sitk.GetImageFromArray(hu)
+    with_table.CopyInformation(case.ct)
+    truth, points = misregistration_transform(case.params), bone_points(case)
+    found = estimate_alignment(case.spect, with_table)
+    assert found.applied and residual_mm(found.transform, truth, points) < 1.0
 
 
 def test_an_estimate_beyond_patient_motion_is_not_used(misregistered_phantom, monkeypatch):

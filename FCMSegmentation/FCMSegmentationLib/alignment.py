@@ -17,11 +17,13 @@ from typing import Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
+from scipy import ndimage
 
 UPTAKE_SPACING_MM = 3.0
 BONE_HU = (100.0, 400.0)  # uptake rises from soft tissue (below) to full bone uptake (above)
 BONE_WEIGHT = 8.0  # bone : soft-tissue uptake of a typical bone scan
 BODY_HU = -500.0
+BODY_OPENING_VOXELS = 2  # on the 3 mm uptake grid: cuts links (a table, its pad) thinner than about 12 mm
 MIN_OVERLAP_MM = 60.0
 MAX_SHIFT_MM = 20.0
 MAX_ROTATION_DEG = 10.0
@@ -45,7 +47,8 @@ class Alignment:
 
 def uptake_image(ct: sitk.Image, spacing_mm: float = UPTAKE_SPACING_MM) -> sitk.Image:
     """The uptake a bone scan would show given ``ct`` (HU): 1 in the body, up to 1 + :data:`BONE_WEIGHT` in
-    dense bone, 0 in air; float32 on an isotropic ``spacing_mm`` grid with the CT's direction and extent."""
+    dense bone, 0 in air and outside the patient (:func:`body_mask`: no uptake in the table); float32 on an
+    isotropic ``spacing_mm`` grid with the CT's direction and extent."""
     shrink = [max(1, int(spacing_mm // s)) for s in ct.GetSpacing()]
     averaged = sitk.BinShrink(as_float32(ct), shrink)  # block means: no aliasing
     extent = np.array(ct.GetSize()) * np.array(ct.GetSpacing())
@@ -57,12 +60,29 @@ def uptake_image(ct: sitk.Image, spacing_mm: float = UPTAKE_SPACING_MM) -> sitk.
         averaged, size, sitk.Transform(), sitk.sitkLinear, origin.tolist(), [spacing_mm] * 3,
         ct.GetDirection(), -1000.0, sitk.sitkFloat32))
     low, high = BONE_HU
-    uptake = BONE_WEIGHT * np.clip((hu - low) / (high - low), 0.0, 1.0) + (hu > BODY_HU)
+    uptake = (BONE_WEIGHT * np.clip((hu - low) / (high - low), 0.0, 1.0) + 1.0) * body_mask(hu > BODY_HU)
     image = sitk.GetImageFromArray(uptake.astype(np.float32))
     image.SetOrigin(origin.tolist())
     image.SetSpacing([spacing_mm] * 3)
     image.SetDirection(ct.GetDirection())
     return image
+
+
+def body_mask(foreground: np.ndarray, opening_voxels: int = BODY_OPENING_VOXELS) -> np.ndarray:
+    """The patient in a CT's foreground (bool (z, y, x)): the largest region left after an opening of
+    ``opening_voxels``, grown back within the foreground. The table the patient lies on, and anything joined
+    to the body by less than the opening's width, is left out: it is dense on the CT but shows no uptake."""
+    if not opening_voxels:
+        return _largest_region(foreground)
+    cube = ndimage.generate_binary_structure(3, 3)
+    # the image's border does not erode: a body cut by the field of view keeps its edge there
+    core = _largest_region(ndimage.binary_erosion(foreground, cube, opening_voxels, border_value=1))
+    return ndimage.binary_dilation(core, cube, opening_voxels + 1, mask=foreground) if core.any() else core
+
+
+def _largest_region(mask: np.ndarray) -> np.ndarray:
+    regions, count = ndimage.label(mask)
+    return regions == np.argmax(np.bincount(regions.ravel())[1:]) + 1 if count else np.zeros_like(mask)
 
 
 def as_float32(image: sitk.Image) -> sitk.Image:

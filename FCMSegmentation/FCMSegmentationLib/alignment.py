@@ -19,6 +19,8 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
+from .affine import apply_affine, index_to_physical_matrix, rigid_matrix
+
 UPTAKE_SPACING_MM = 3.0
 BONE_HU = (100.0, 400.0)  # uptake rises from soft tissue (below) to full bone uptake (above)
 BONE_WEIGHT = 8.0  # bone : soft-tissue uptake of a typical bone scan
@@ -92,11 +94,10 @@ def as_float32(image: sitk.Image) -> sitk.Image:
 
 def voxels_inside(image: sitk.Image, container: sitk.Image) -> np.ndarray:
     """Bool (z, y, x) on ``image``'s grid: voxel centres inside ``container``'s box, by physical position."""
-    to_container = np.linalg.inv(_index_to_physical(container)) @ _index_to_physical(image)
-    offset = np.linalg.solve(_index_to_physical(container), np.array(image.GetOrigin()) - container.GetOrigin())
+    to_container = (np.linalg.inv(index_to_physical_matrix(container)) @ index_to_physical_matrix(image))[:3]
     nx, ny, nz = image.GetSize()
     y, x = np.meshgrid(np.arange(ny, dtype=np.float64), np.arange(nx, dtype=np.float64), indexing="ij")
-    plane = np.stack([x, y, np.zeros_like(x)], -1) @ to_container.T + offset
+    plane = np.stack([x, y, np.zeros_like(x), np.ones_like(x)], -1) @ to_container.T
     upper = np.array(container.GetSize()) - 0.5
     inside = np.zeros((nz, ny, nx), dtype=bool)
     for z in range(nz):  # slice by slice: a large SPECT never needs a coordinate array of its own size
@@ -105,13 +106,9 @@ def voxels_inside(image: sitk.Image, container: sitk.Image) -> np.ndarray:
     return inside
 
 
-def _index_to_physical(image: sitk.Image) -> np.ndarray:
-    return np.array(image.GetDirection()).reshape(3, 3) @ np.diag(image.GetSpacing())
-
-
 def physical_points(image: sitk.Image, index_xyz: np.ndarray) -> np.ndarray:
     """(N, 3) physical points of the (N, 3) (x, y, z) voxel indices ``index_xyz`` of ``image``."""
-    return np.array(image.GetOrigin()) + index_xyz @ _index_to_physical(image).T
+    return apply_affine(index_to_physical_matrix(image), index_xyz)
 
 
 def overlap_samples(image: sitk.Image, inside: np.ndarray) -> Tuple[sitk.Image, np.ndarray]:
@@ -133,11 +130,10 @@ def overlap_extent_mm(inside: np.ndarray, image: sitk.Image) -> np.ndarray:
 
 def motion(transform: sitk.Euler3DTransform, points: np.ndarray) -> Tuple[float, float]:
     """(mean displacement in mm of ``points`` (N, 3), rotation angle in degrees) of a rigid ``transform``."""
-    rotation = np.array(transform.GetMatrix()).reshape(3, 3)
-    centre = np.array(transform.GetCenter())
-    moved = (points - centre) @ rotation.T + centre + np.array(transform.GetTranslation())
-    angle = math.degrees(math.acos(float(np.clip((np.trace(rotation) - 1.0) / 2.0, -1.0, 1.0))))
-    return float(np.linalg.norm(moved - points, axis=1).mean()) if len(points) else 0.0, angle
+    affine = rigid_matrix(transform)
+    angle = math.degrees(math.acos(float(np.clip((np.trace(affine[:3, :3]) - 1.0) / 2.0, -1.0, 1.0))))
+    shifts = np.linalg.norm(apply_affine(affine, points) - points, axis=1)
+    return float(shifts.mean()) if len(points) else 0.0, angle
 
 
 def _not_applied(note: str) -> Alignment:

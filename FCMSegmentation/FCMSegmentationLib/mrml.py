@@ -26,6 +26,7 @@ import slicer
 import vtk
 from vtk.util import numpy_support
 
+from .affine import rigid_matrix
 from .errors import InputError
 from .imageio import SEGMENT_COLORS, SEGMENT_NAMES
 from .preprocessing import CLASS_NAMES
@@ -507,13 +508,8 @@ ALIGNMENT_NODE_NAME = "FCM SPECT alignment"
 
 def rigid_to_ras(transform: sitk.Euler3DTransform) -> np.ndarray:
     """The 4x4 RAS matrix of a rigid LPS transform (as a transform to parent: local point -> world)."""
-    rotation = np.array(transform.GetMatrix()).reshape(3, 3)
-    centre = np.array(transform.GetCenter())
-    lps = np.eye(4)
-    lps[:3, :3] = rotation
-    lps[:3, 3] = centre + np.array(transform.GetTranslation()) - rotation @ centre
     flip = np.diag([-1.0, -1.0, 1.0, 1.0])
-    return flip @ lps @ flip
+    return flip @ rigid_matrix(transform) @ flip
 
 
 def write_alignment(scene: "slicer.vtkMRMLScene", alignment, spect_node: "slicer.vtkMRMLVolumeNode",

@@ -14,21 +14,13 @@ from typing import Dict
 import numpy as np
 import SimpleITK as sitk
 
+from .affine import index_to_physical_matrix
 from .errors import InputError
 from .preprocessing import CLASS_NAMES, WorkingCase, as_volume, resample_to
 
 UNLABELLED = -1
 STROKE_NAMES = {1: "background", 2: "bone", 3: "lesion"}
 LESION_CODE = 3
-
-
-def index_to_physical_matrix(image: sitk.Image) -> np.ndarray:
-    """4x4 affine mapping (x, y, z, 1) voxel indices to physical (LPS) points."""
-    direction = np.array(image.GetDirection()).reshape(3, 3)
-    affine = np.eye(4)
-    affine[:3, :3] = direction @ np.diag(image.GetSpacing())
-    affine[:3, 3] = image.GetOrigin()
-    return affine
 
 
 def scribbles_to_labels(scribbles: sitk.Image, case: WorkingCase) -> np.ndarray:

@@ -240,3 +240,21 @@ def test_the_command_line_can_use_the_spect_as_recorded():
         argv = command + ["--spect", "s.mha", "--output", "o.nrrd"]
         assert not build_parser().parse_args(argv).no_align
         assert build_parser().parse_args(argv + ["--no-align"]).no_align
+
+
+def test_training_can_learn_from_aligned_phantoms_with_the_truth_left_on_the_ct(misregistered_phantom):
+    from FCMSegmentationLib.cli import build_parser, train_config_from_args
+    from FCMSegmentationLib.training import prepare_training_case
+
+    case = misregistered_phantom  # on the whole CT's grid, as the shipped model segments and was trained
+    as_simulated = prepare_training_case(case.spect, case.ct, case.truth, beyond_spect=True)
+    aligned = prepare_training_case(case.spect, case.ct, case.truth, beyond_spect=True, align=True)
+    segmented = prepare_case(case.spect, case.ct, beyond_spect=True, align=True)
+    np.testing.assert_array_equal(aligned.features, segmented.features)  # what segment() gives the network
+    assert not np.allclose(aligned.features[0], as_simulated.features[0])  # the SPECT moved...
+    np.testing.assert_array_equal(aligned.features[1], as_simulated.features[1])  # ...the CT did not,
+    inside_both = aligned.valid & as_simulated.valid
+    np.testing.assert_array_equal(aligned.labels[inside_both], as_simulated.labels[inside_both])  # nor the truth
+    parse = build_parser().parse_args
+    assert not train_config_from_args(parse(["train", "--out", "m.pt"])).align
+    assert train_config_from_args(parse(["train", "--out", "m.pt", "--align"])).align

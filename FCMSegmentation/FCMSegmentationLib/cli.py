@@ -172,7 +172,7 @@ def train_config_from_args(args: argparse.Namespace):
         beta=args.beta, unsupervised=args.unsupervised, class_balance=args.class_balance,
         device=args.device, threads=args.threads, checkpoint_every=args.checkpoint_every,
         channels=tuple(args.channels), init=args.init,
-        spect_truncation=args.spect_truncation, spect_gain_sd=args.spect_gain_sd,
+        spect_truncation=args.spect_truncation, spect_gain_sd=args.spect_gain_sd, align=args.align,
         **({"spacing_mm": args.spacing} if args.spacing is not None else {}),
     )
 
@@ -318,6 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--spect-gain-sd", type=float, default=0.1,
                     help="SD of the log of each crop's random SPECT gain, so that the model does not depend on "
                          "the intensity the SPECT's normalisation gives bone (default 0.1, about +-10%%)")
+    tr.add_argument("--align", action="store_true",
+                    help="undo each phantom's SPECT/CT misregistration before training, as segment does "
+                         "(default off: the network learns from the SPECT as simulated)")
     tr.set_defaults(handler=cmd_train)
 
     cal = commands.add_parser("calibrate", help="choose a model's decision weights on calibration phantoms "

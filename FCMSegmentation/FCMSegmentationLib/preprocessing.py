@@ -193,8 +193,8 @@ def prepare_case(
 
     The working grid covers the SPECT's overlap with the CT, or the whole CT when ``beyond_spect`` (for
     models trained to segment bone where only the CT sees it). align: first undo a rigid SPECT/CT
-    misregistration (:mod:`alignment`). Segmenting does; training does not, so the network still learns to
-    tolerate the misregistration that alignment leaves, and the shipped model's recipe is unchanged.
+    misregistration (:mod:`alignment`). Segmenting does; training does when asked (``fcmseg train --align``,
+    as the shipped model's last stage did), so that the network learns from images registered as well.
     """
     notes: List[str] = []
     spect = as_volume(spect, "SPECT", notes)

@@ -64,6 +64,7 @@ class TrainConfig:
     spect_truncation: float = 0.0  # > 0: learn bone beyond the SPECT field (see prepare_training_case)
     spect_gain_sd: float = 0.1  # SD of the log of a crop's random SPECT gain (see random_crop)
     lesion_crop_fraction: float = 0.5
+    align: bool = False  # undo each phantom's SPECT/CT misregistration first, as segmenting does (alignment.py)
     channels: Tuple[int, ...] = (16, 32, 64, 128)
     norm: str = "batch"
     spacing_mm: float = DEFAULT_SPACING_MM
@@ -103,13 +104,16 @@ class TrainingCase:
 
 
 def prepare_training_case(spect: sitk.Image, ct: sitk.Image, truth: sitk.Image,
-                          spacing_mm: float = DEFAULT_SPACING_MM, beyond_spect: bool = False) -> TrainingCase:
+                          spacing_mm: float = DEFAULT_SPACING_MM, beyond_spect: bool = False,
+                          align: bool = False) -> TrainingCase:
     """A phantom's images brought onto the working grid as at inference, truth by nearest neighbour.
 
     beyond_spect: the grid covers the whole CT; outside the SPECT field bone and background keep their
     labels (learnt from the CT alone) and lesions are ignored (without uptake they cannot be seen).
+    align: first undo the SPECT/CT misregistration as segmenting does, so that the network learns from
+    images registered as well as those it will segment (the truth stays on the CT, which does not move).
     """
-    case = prepare_case(spect, ct, spacing_mm, beyond_spect)
+    case = prepare_case(spect, ct, spacing_mm, beyond_spect, align=align)
     labels = resample_to(sitk.Cast(truth, sitk.sitkUInt8), case.grid, linear=False).astype(np.int64)
     labels[~case.segmented | (~case.valid & (labels == LESION))] = IGNORE
     return TrainingCase(case.features, case.valid, labels, np.argwhere(labels == LESION), np.argwhere(case.valid))
@@ -171,7 +175,7 @@ def build_cases(plan: Sequence[Tuple[str, int]], config: TrainConfig, real_ct: R
     cases = []
     for number, (kind, seed, phantom) in enumerate(plan_phantoms(plan, *real_ct), start=1):
         cases.append(prepare_training_case(phantom.spect, phantom.ct, phantom.truth, config.spacing_mm,
-                                           config.beyond_spect))
+                                           config.beyond_spect, config.align))
         report(progress, number / len(plan), f"phantom {number}/{len(plan)} ({kind}, seed {seed})")
     return cases
 

@@ -25,6 +25,7 @@ uptake, as on another scanner or simulator), and a further table gives Dice per 
 import argparse
 import sys
 from dataclasses import asdict, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
@@ -172,17 +173,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     inputs = ("spect_ct", "spect_only") if args.spect_only else ("spect_ct",)
     ranges = (replace(TRAINING_RANGES, misregistration_shift_mm=(0.0, 0.0), misregistration_rotation_deg=(0.0, 0.0))
               if args.without_misregistration else TRAINING_RANGES)
+    # every scoring below runs on the same phantoms and inputs
+    score = partial(score_models, plan=plan, ct=real_ct, bone_labels=real_labels, device="auto", inputs=inputs,
+                    ranges=ranges)
     with progress_bar("validation phantoms") as progress:
-        scores = score_models(models, plan, real_ct, real_labels, device="auto", inputs=inputs, ranges=ranges,
-                                progress=progress)
+        scores = score(models, progress=progress)
     names = list(args.models)
     if ablation:
         suffix, left_out = ABLATIONS[ablation[0]]
         reference = f"{names[0]}, {suffix}"
         first = {names[0]: models[names[0]]}
         with progress_bar(f"validation phantoms, {suffix}") as progress:
-            scores[reference] = score_models(first, plan, real_ct, real_labels, device="auto", inputs=inputs,
-                                             ranges=ranges, progress=progress, **left_out)[names[0]]
+            scores[reference] = score(first, progress=progress, **left_out)[names[0]]
         names.insert(0, reference)  # the reference: the differences are then what the left-out step does
     results = _results(scores, names[0])
     summaries, differences = results["summaries"], results["differences"]
@@ -194,8 +196,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     by_gain: Dict[float, Dict[str, Any]] = {1.0: results}
     for gain in sorted(set(args.spect_gains) - {1.0}):
         with normalisation_moved(gain), progress_bar(f"validation phantoms, SPECT gain {gain:g}") as progress:
-            moved = score_models(models, plan, real_ct, real_labels, device="auto", inputs=inputs, ranges=ranges,
-                                progress=progress)
+            moved = score(models, progress=progress)
         by_gain[gain] = _results(moved, names[0])
     if len(by_gain) > 1:
         body += format_gain_report(names, by_gain)

@@ -238,7 +238,8 @@ def test_normalisation_moved_multiplies_the_normalised_spect_only_while_active(t
             pass
 
 
-def test_compare_models_scores_every_model_again_with_the_spect_normalisation_moved(tmp_path, random_model):
+def test_compare_models_scores_every_model_again_with_the_spect_normalisation_moved_and_thick_ct(
+        tmp_path, random_model):
     import json
 
     import compare_models
@@ -249,14 +250,21 @@ def test_compare_models_scores_every_model_again_with_the_spect_normalisation_mo
     report = tmp_path / "selection.md"
     shipped = str(default_model_path())
     assert compare_models.main([shipped, str(untrained), "--procedural", "1", "--ct-derived", "0",
-                                "--spect-gains", "0.25", "--report", str(report)]) == 0
-    assert "With the SPECT's normalisation moved" in report.read_text()
+                                "--spect-gains", "0.25", "--ct-slices", "6", "--report", str(report)]) == 0
+    text = report.read_text()
+    assert "With the SPECT's normalisation moved" in text and "With thick CT slices" in text
+    assert "| 6 mm | `" + shipped + "` |" in text
     results = json.loads((tmp_path / "results" / "compare_models.json").read_text())
-    plain, moved = results["scores"][shipped][0], results["spect_gains"]["0.25"]["scores"][shipped][0]
-    assert plain["seed"] == moved["seed"]
-    assert (plain["bone"], plain["lesion"]) != (moved["bone"], moved["lesion"])  # the model sees another SPECT
+    plain = results["scores"][shipped][0]
+    for moved in (results["spect_gains"]["0.25"]["scores"][shipped][0],
+                  results["ct_slices_mm"]["6"]["scores"][shipped][0]):
+        assert plain["seed"] == moved["seed"]
+        assert (plain["bone"], plain["lesion"]) != (moved["bone"], moved["lesion"])  # the model sees other images
+    for conflicting in (["--spect-gains", "0.5"], ["--ct-slices", "5"]):
+        with pytest.raises(SystemExit):
+            compare_models.main([shipped, "--cortex-ablation", *conflicting])
     with pytest.raises(SystemExit):
-        compare_models.main([shipped, "--cortex-ablation", "--spect-gains", "0.5"])
+        compare_models.main([shipped, str(untrained), "--ct-slices", "2"])  # not thicker than the phantoms' own
 
 
 def ablation_scores(tmp_path, flag: str, suffix: str):

@@ -173,6 +173,7 @@ def train_config_from_args(args: argparse.Namespace):
         device=args.device, threads=args.threads, checkpoint_every=args.checkpoint_every,
         channels=tuple(args.channels), init=args.init,
         spect_truncation=args.spect_truncation, spect_gain_sd=args.spect_gain_sd, align=args.align,
+        thick_ct=args.thick_ct,
         **({"spacing_mm": args.spacing} if args.spacing is not None else {}),
     )
 
@@ -321,6 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--align", action="store_true",
                     help="undo each phantom's SPECT/CT misregistration before training, as segment does "
                          "(default off: the network learns from the SPECT as simulated)")
+    tr.add_argument("--thick-ct", type=float, default=0.0,
+                    help="probability that a phantom's CT is re-sliced at 3-6 mm, as low-dose SPECT/CT CTs often "
+                         "are, so that the model copes with thick slices (default 0)")
     tr.set_defaults(handler=cmd_train)
 
     cal = commands.add_parser("calibrate", help="choose a model's decision weights on calibration phantoms "

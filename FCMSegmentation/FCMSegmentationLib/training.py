@@ -32,6 +32,7 @@ from .errors import InputError
 from .losses import fcm_label_loss, rfcm_loss
 from .modelfile import LoadedModel, load_model, new_card, save_model
 from .networks import UNet, count_parameters
+from .phantoms.slicing import random_thick_slice_ct
 from .preprocessing import DEFAULT_SPACING_MM, LESION, prepare_case, resample_to
 from .progress import ProgressCallback, report
 from .validation import plan_phantoms, score_models, summarise, validation_plan
@@ -65,6 +66,7 @@ class TrainConfig:
     spect_gain_sd: float = 0.1  # SD of the log of a crop's random SPECT gain (see random_crop)
     lesion_crop_fraction: float = 0.5
     align: bool = False  # undo each phantom's SPECT/CT misregistration first, as segmenting does (alignment.py)
+    thick_ct: float = 0.0  # probability that a phantom's CT is re-sliced at 3-6 mm (phantoms/slicing.py)
     channels: Tuple[int, ...] = (16, 32, 64, 128)
     norm: str = "batch"
     spacing_mm: float = DEFAULT_SPACING_MM
@@ -86,6 +88,8 @@ class TrainConfig:
             raise InputError(f"spect truncation is a probability in [0, 1], got {self.spect_truncation}")
         if not 0.0 <= self.spect_gain_sd <= 1.0:
             raise InputError(f"spect gain SD is the SD of a log gain, in [0, 1], got {self.spect_gain_sd}")
+        if not 0.0 <= self.thick_ct <= 1.0:
+            raise InputError(f"thick CT is a probability in [0, 1], got {self.thick_ct}")
 
     @property
     def beyond_spect(self) -> bool:
@@ -171,10 +175,12 @@ def read_real_ct(config: TrainConfig) -> RealCT:
 
 def build_cases(plan: Sequence[Tuple[str, int]], config: TrainConfig, real_ct: RealCT = (None, None),
                 progress: Optional[ProgressCallback] = None) -> List[TrainingCase]:
-    """Generate and prepare the phantoms of ``plan`` (CT-derived ones on ``real_ct``)."""
+    """Generate and prepare the phantoms of ``plan`` (CT-derived ones on ``real_ct``), a ``thick_ct``
+    fraction of them with their CT re-sliced thicker (the truth stays on the original CT's grid)."""
     cases = []
     for number, (kind, seed, phantom) in enumerate(plan_phantoms(plan, *real_ct), start=1):
-        cases.append(prepare_training_case(phantom.spect, phantom.ct, phantom.truth, config.spacing_mm,
+        ct = random_thick_slice_ct(phantom.ct, seed, config.thick_ct)
+        cases.append(prepare_training_case(phantom.spect, ct, phantom.truth, config.spacing_mm,
                                            config.beyond_spect, config.align))
         report(progress, number / len(plan), f"phantom {number}/{len(plan)} ({kind}, seed {seed})")
     return cases

@@ -85,15 +85,18 @@ def score_models(
     keep_lesions_outside_bone: bool = False,
     complete_cortex_edge: bool = True,
     align: bool = True,
+    ct_slice_mm: Optional[float] = None,
 ) -> Dict[str, List[CaseScore]]:
     """Per-case Dice of every model in ``models`` on the phantoms of ``plan``, each phantom made once.
 
     ct, bone_labels: the real CT and its labels that CT-derived phantoms are built on (needed only if
     ``plan`` has any). ranges: simulation ranges (default: the training ranges). keep_lesions_outside_bone,
     complete_cortex_edge, align: as in :func:`segmentation.segment` (to measure what the lesion filter, the
-    cortex completion and the SPECT/CT alignment do).
+    cortex completion and the SPECT/CT alignment do). ct_slice_mm: give the models each phantom's CT
+    re-sliced at this thickness (:func:`phantoms.slicing.thick_slice_ct`); the truth stays as it is.
     """
     from .metrics import evaluate_images
+    from .phantoms.slicing import thick_slice_ct
     from .segmentation import segment
 
     unknown = set(inputs) - set(INPUTS)
@@ -101,9 +104,10 @@ def score_models(
         raise InputError(f"unknown validation inputs {sorted(unknown)}; use {list(INPUTS)}")
     scores: Dict[str, List[CaseScore]] = {name: [] for name in models}
     for number, (kind, seed, phantom) in enumerate(plan_phantoms(plan, ct, bone_labels, ranges), start=1):
+        ct_image = phantom.ct if ct_slice_mm is None else thick_slice_ct(phantom.ct, ct_slice_mm)
         for name, model in models.items():
             for used in inputs:
-                result = segment(phantom.spect, phantom.ct if used == "spect_ct" else None, model, device=device,
+                result = segment(phantom.spect, ct_image if used == "spect_ct" else None, model, device=device,
                                  keep_lesions_outside_bone=keep_lesions_outside_bone,
                                  complete_cortex_edge=complete_cortex_edge, align=align)
                 dice = evaluate_images(result.labels, phantom.truth)

@@ -153,7 +153,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="also score every model with its normalised SPECT multiplied by each of these gains")
     parser.add_argument("--ct-slices", type=float, nargs="+", default=[],
                         help="also score every model with each phantom's CT re-sliced at each of these thicknesses "
-                             "(mm, at least 3: the phantoms' own slices are 1.5-3 mm)")
+                             "(mm, at least the phantoms' own slices, up to 3 mm)")
     parser.add_argument("--without-misregistration", action="store_true",
                         help="simulate the phantoms with the SPECT exactly on the CT (no SPECT/CT misregistration)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
@@ -170,8 +170,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error("give an ablation or --spect-gains / --ct-slices, not both")
     if any(not gain > 0 for gain in args.spect_gains):
         parser.error("SPECT gains must be positive")
-    if any(not thickness >= 3.0 for thickness in args.ct_slices):
-        parser.error("CT slice thicknesses must be at least 3 mm (the phantoms' own slices are up to 3 mm)")
 
     import torch
 
@@ -179,6 +177,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     from FCMSegmentationLib.modelfile import load_model
     from FCMSegmentationLib.phantoms import TRAINING_RANGES
     from FCMSegmentationLib.validation import score_models, validation_plan
+
+    thickest = TRAINING_RANGES.ct_slice_mm[1]  # re-slicing cannot make a phantom's slices thinner
+    if any(not thickness >= thickest for thickness in args.ct_slices):
+        parser.error(f"CT slice thicknesses must be at least {thickest:g} mm (the phantoms' own slices are up to "
+                     f"{thickest:g} mm)")
 
     if args.threads:
         torch.set_num_threads(args.threads)

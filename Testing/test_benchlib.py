@@ -238,7 +238,7 @@ def test_normalisation_moved_multiplies_the_normalised_spect_only_while_active(t
             pass
 
 
-def test_compare_models_scores_every_model_again_with_the_spect_normalisation_moved_and_thick_ct(
+def test_compare_models_scores_every_model_again_with_the_spect_normalisation_moved_thick_ct_and_osem(
         tmp_path, random_model):
     import json
 
@@ -250,17 +250,21 @@ def test_compare_models_scores_every_model_again_with_the_spect_normalisation_mo
     report = tmp_path / "selection.md"
     shipped = str(default_model_path())
     assert compare_models.main([shipped, str(untrained), "--procedural", "1", "--ct-derived", "0",
-                                "--spect-gains", "0.25", "--ct-slices", "6", "--report", str(report)]) == 0
+                                "--spect-gains", "0.25", "--ct-slices", "6", "--osem-spect",
+                                "--report", str(report)]) == 0
     text = report.read_text()
     assert "With the SPECT's normalisation moved" in text and "With thick CT slices" in text
-    assert "| 6 mm | `" + shipped + "` |" in text
+    assert "With the SPECT reconstructed by OS-EM" in text
+    assert "| 6 mm | `" + shipped + "` |" in text and "| OS-EM | `" + shipped + "` |" in text
+    assert f"`{shipped}, OS-EM SPECT` minus `{shipped}`" in text  # the same model, paired across the SPECTs
     results = json.loads((tmp_path / "results" / "compare_models.json").read_text())
     plain = results["scores"][shipped][0]
     for moved in (results["spect_gains"]["0.25"]["scores"][shipped][0],
-                  results["ct_slices_mm"]["6"]["scores"][shipped][0]):
+                  results["ct_slices_mm"]["6"]["scores"][shipped][0],
+                  results["scores"][f"{shipped}, OS-EM SPECT"][0]):
         assert plain["seed"] == moved["seed"]
         assert (plain["bone"], plain["lesion"]) != (moved["bone"], moved["lesion"])  # the model sees other images
-    for conflicting in (["--spect-gains", "0.5"], ["--ct-slices", "5"]):
+    for conflicting in (["--spect-gains", "0.5"], ["--ct-slices", "5"], ["--osem-spect"]):
         with pytest.raises(SystemExit):
             compare_models.main([shipped, "--cortex-ablation", *conflicting])
     with pytest.raises(SystemExit):

@@ -238,6 +238,7 @@ def test_readme_calibration_command_is_the_one_recorded_in_the_shipped_models_ca
     ("--spacing", "spacing_mm", 3.0, 2.0, "0", "spacing"),  # the working grid
     ("--spect-gain-sd", "spect_gain_sd", 0.1, 0.35, "-0.1", "gain"),  # the SPECT gain augmentation's spread
     ("--thick-ct", "thick_ct", 0.0, 0.5, "1.5", "thick CT"),  # the share of phantoms with thick CT slices
+    ("--osem-spect", "osem_spect", 0.0, 0.5, "-0.5", "OS-EM"),  # the share of phantoms with OS-EM SPECT
 ])
 def test_train_flags_set_their_option_and_reject_nonsense(tmp_path, flag, field, default, value, nonsense, message):
     from FCMSegmentationLib.cli import build_parser, train_config_from_args

@@ -17,13 +17,16 @@ results/<section>.json beside it.
     python scripts/compare_models.py MODEL.pt --alignment-ablation --without-misregistration  # ... with none to undo
     python scripts/compare_models.py A.pt B.pt --spect-gains 0.5 0.7 1.4 2  # also with the SPECT normalisation moved
     python scripts/compare_models.py A.pt B.pt --ct-slices 5  # also with the CT re-sliced at 5 mm
+    python scripts/compare_models.py A.pt B.pt --osem-spect  # also with every SPECT reconstructed by OS-EM
 
 With an ablation flag every model is scored as shipped and the reference is the first model with that step
 left out. With ``--spect-gains`` every model is scored again with its normalised SPECT multiplied by each
 gain (``benchlib.spect_scale``: as if the image's 99.5th percentile sat elsewhere relative to its bone
 uptake, as on another scanner or simulator), and a further table gives Dice per gain. With ``--ct-slices``
 every model is scored again with each phantom's CT re-sliced thicker (``phantoms.slicing``), as low-dose
-SPECT/CT CTs often come, and a further table gives Dice per thickness.
+SPECT/CT CTs often come, and a further table gives Dice per thickness. With ``--osem-spect`` every model is
+scored again on the same phantoms with their SPECT made from noisy projections by OS-EM
+(``phantoms.reconstruction``) instead of image-space noise.
 """
 import argparse
 import sys
@@ -112,6 +115,10 @@ SLICES_INTRO = ("With thick CT slices (SPECT+CT input; each phantom's CT re-slic
                 "along z, as a low-dose SPECT/CT CT often is: `phantoms/slicing.py`; the truth stays on the original "
                 "grid; 'as simulated' is the table above), mean Dice and paired differences [95 % bootstrap "
                 "interval]:")
+OSEM_INTRO = ("With the SPECT reconstructed by OS-EM (SPECT+CT input; the same phantoms, their SPECT projected, "
+              "given Poisson noise on the projections and reconstructed, some with resolution recovery: "
+              "`phantoms/reconstruction.py`; 'image-space noise' is the table above), mean Dice and paired "
+              "differences [95 % bootstrap interval]:")
 
 
 def format_setting_report(names: Sequence[str], by_setting: Mapping[str, Mapping[str, Any]], setting: str,
@@ -154,6 +161,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--ct-slices", type=float, nargs="+", default=[],
                         help="also score every model with each phantom's CT re-sliced at each of these thicknesses "
                              "(mm, at least the phantoms' own slices, up to 3 mm)")
+    parser.add_argument("--osem-spect", action="store_true",
+                        help="also score every model with the phantoms' SPECT reconstructed by OS-EM from noisy "
+                             "projections")
     parser.add_argument("--without-misregistration", action="store_true",
                         help="simulate the phantoms with the SPECT exactly on the CT (no SPECT/CT misregistration)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
@@ -164,10 +174,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     ablation = [flag for flag in ABLATIONS if getattr(args, flag)]
     if len(ablation) > 1:
         parser.error("give one ablation at a time")
-    if len(args.models) < 2 and not ablation:
-        parser.error("give at least two models to compare (or one with an ablation)")
-    if ablation and (args.spect_gains or args.ct_slices):
-        parser.error("give an ablation or --spect-gains / --ct-slices, not both")
+    settings = bool(args.spect_gains or args.ct_slices or args.osem_spect)
+    if len(args.models) < 2 and not (ablation or settings):
+        parser.error("give at least two models to compare (or one with an ablation or a setting to score it in)")
+    if ablation and settings:
+        parser.error("give an ablation or --spect-gains / --ct-slices / --osem-spect, not both")
     if any(not gain > 0 for gain in args.spect_gains):
         parser.error("SPECT gains must be positive")
 
@@ -206,13 +217,20 @@ def main(argv: Optional[List[str]] = None) -> int:
         with progress_bar(f"validation phantoms, {suffix}") as progress:
             scores[reference] = score(first, progress=progress, **left_out)[names[0]]
         names.insert(0, reference)  # the reference: the differences are then what the left-out step does
-    results = _results(scores, names[0])
+    osem_scores = {}
+    if args.osem_spect:
+        with progress_bar("validation phantoms, OS-EM SPECT") as progress:
+            osem_scores = score(models, progress=progress, ranges=replace(ranges, osem_probability=1.0))
+    # each model on OS-EM SPECT also enters the main tables, paired with the reference on image-space noise
+    table_names = names + [f"{name}, OS-EM SPECT" for name in osem_scores]
+    results = _results({**scores, **{f"{name}, OS-EM SPECT": value for name, value in osem_scores.items()}},
+                       names[0])
     summaries, differences = results["summaries"], results["differences"]
     header = [f"Command: `{command_line()}`", "", f"Machine: {machine_line()}", "",
               f"Phantoms: {args.procedural} procedural and {args.ct_derived} CT-derived validation phantoms "
               f"(seeds {summaries[names[0]]['seeds'][0]}…{summaries[names[0]]['seeds'][-1]})"
               + (", simulated without SPECT/CT misregistration." if args.without_misregistration else ".")]
-    body = format_report(names, summaries, differences, header)
+    body = format_report(table_names, summaries, differences, header)
     by_gain: Dict[float, Dict[str, Any]] = {1.0: results}
     for gain in sorted(set(args.spect_gains) - {1.0}):
         with normalisation_moved(gain), progress_bar(f"validation phantoms, SPECT gain {gain:g}") as progress:
@@ -229,6 +247,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         body += format_setting_report(names, {"as simulated": results, **{f"{value} mm": entry for value, entry
                                                                           in by_slices.items()}},
                                       "CT slices", SLICES_INTRO)
+    if len(osem_scores) > 1:
+        by_osem = {"image-space noise": results, "OS-EM": _results(osem_scores, args.models[0])}
+        body += format_setting_report(args.models, by_osem, "SPECT", OSEM_INTRO)
     write_section(args.report, args.section, body, title=TITLE)
     write_json(args.report.parent / "results" / f"{args.section}.json",
                {**results, "spect_gains": {f"{gain:g}": entry for gain, entry in by_gain.items() if gain != 1.0},

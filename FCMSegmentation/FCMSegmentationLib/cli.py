@@ -155,7 +155,7 @@ def cmd_phantom(args: argparse.Namespace) -> int:
 
     with progress_bar("phantom") as progress:
         written = phantom_command(args.out, args.seed, args.count, args.from_ct, args.bone_labels,
-                                  args.shifted, progress=progress)
+                                  args.shifted, osem=args.osem, progress=progress)
     for item in written:
         print(f"wrote {item}")
     return 0
@@ -173,7 +173,7 @@ def train_config_from_args(args: argparse.Namespace):
         device=args.device, threads=args.threads, checkpoint_every=args.checkpoint_every,
         channels=tuple(args.channels), init=args.init,
         spect_truncation=args.spect_truncation, spect_gain_sd=args.spect_gain_sd, align=args.align,
-        thick_ct=args.thick_ct,
+        thick_ct=args.thick_ct, osem_spect=args.osem_spect,
         **({"spacing_mm": args.spacing} if args.spacing is not None else {}),
     )
 
@@ -287,6 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     ph.add_argument("--from-ct", help="real CT (file or DICOM directory) for a CT-derived phantom")
     ph.add_argument("--bone-labels", help="bone label map of that CT (TotalSegmentator ids)")
     ph.add_argument("--shifted", action="store_true", help="domain-shifted ranges (PSF, counts, contrast)")
+    ph.add_argument("--osem", action="store_true",
+                    help="reconstruct the SPECT by OS-EM from noisy projections (default: image-space noise)")
     ph.set_defaults(handler=cmd_phantom)
 
     tr = commands.add_parser("train", help="train a model on generated phantoms (torchrun for DDP)")
@@ -325,6 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--thick-ct", type=float, default=0.0,
                     help="probability that a phantom's CT is re-sliced at 3-6 mm, as low-dose SPECT/CT CTs often "
                          "are, so that the model copes with thick slices (default 0)")
+    tr.add_argument("--osem-spect", type=float, default=0.0,
+                    help="probability that a phantom's SPECT is made from noisy projections by OS-EM instead of "
+                         "image-space noise, so that the model knows a reconstruction's noise texture (default 0)")
     tr.set_defaults(handler=cmd_train)
 
     cal = commands.add_parser("calibrate", help="choose a model's decision weights on calibration phantoms "

@@ -20,7 +20,7 @@ own shard of phantoms and DistributedDataParallel averages gradients; rank 0 wri
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -32,6 +32,7 @@ from .errors import InputError
 from .losses import fcm_label_loss, rfcm_loss
 from .modelfile import LoadedModel, load_model, new_card, save_model
 from .networks import UNet, count_parameters
+from .phantoms import TRAINING_RANGES
 from .phantoms.slicing import random_thick_slice_ct
 from .preprocessing import DEFAULT_SPACING_MM, LESION, prepare_case, resample_to
 from .progress import ProgressCallback, report
@@ -67,6 +68,7 @@ class TrainConfig:
     lesion_crop_fraction: float = 0.5
     align: bool = False  # undo each phantom's SPECT/CT misregistration first, as segmenting does (alignment.py)
     thick_ct: float = 0.0  # probability that a phantom's CT is re-sliced at 3-6 mm (phantoms/slicing.py)
+    osem_spect: float = 0.0  # probability that a phantom's SPECT is reconstructed by OS-EM (phantoms/reconstruction.py)
     channels: Tuple[int, ...] = (16, 32, 64, 128)
     norm: str = "batch"
     spacing_mm: float = DEFAULT_SPACING_MM
@@ -90,6 +92,8 @@ class TrainConfig:
             raise InputError(f"spect gain SD is the SD of a log gain, in [0, 1], got {self.spect_gain_sd}")
         if not 0.0 <= self.thick_ct <= 1.0:
             raise InputError(f"thick CT is a probability in [0, 1], got {self.thick_ct}")
+        if not 0.0 <= self.osem_spect <= 1.0:
+            raise InputError(f"OS-EM SPECT is a probability in [0, 1], got {self.osem_spect}")
 
     @property
     def beyond_spect(self) -> bool:
@@ -175,10 +179,12 @@ def read_real_ct(config: TrainConfig) -> RealCT:
 
 def build_cases(plan: Sequence[Tuple[str, int]], config: TrainConfig, real_ct: RealCT = (None, None),
                 progress: Optional[ProgressCallback] = None) -> List[TrainingCase]:
-    """Generate and prepare the phantoms of ``plan`` (CT-derived ones on ``real_ct``), a ``thick_ct``
-    fraction of them with their CT re-sliced thicker (the truth stays on the original CT's grid)."""
+    """Generate and prepare the phantoms of ``plan`` (CT-derived ones on ``real_ct``), an ``osem_spect``
+    fraction of them with their SPECT reconstructed by OS-EM, a ``thick_ct`` fraction with their CT re-sliced
+    thicker (the truth stays on the original CT's grid)."""
+    ranges = replace(TRAINING_RANGES, osem_probability=config.osem_spect)
     cases = []
-    for number, (kind, seed, phantom) in enumerate(plan_phantoms(plan, *real_ct), start=1):
+    for number, (kind, seed, phantom) in enumerate(plan_phantoms(plan, *real_ct, ranges=ranges), start=1):
         ct = random_thick_slice_ct(phantom.ct, seed, config.thick_ct)
         cases.append(prepare_training_case(phantom.spect, ct, phantom.truth, config.spacing_mm,
                                            config.beyond_spect, config.align))

@@ -1,4 +1,5 @@
 """``fcmseg phantom``: generate phantoms by kind and write them to disk."""
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -76,13 +77,15 @@ def phantom_command(
     from_ct: Optional[str] = None,
     bone_labels: Optional[str] = None,
     shifted: bool = False,
+    osem: bool = False,
     progress: Optional[ProgressCallback] = None,
 ) -> List[Dict[str, Path]]:
     """``fcmseg phantom``: write ``out/case_<seed>/`` for seeds ``seed .. seed+count-1``.
 
     Procedural phantoms by default; with ``from_ct`` (a CT file or DICOM directory) and ``bone_labels``
     (a 0/1 bone mask or a TotalSegmentator label map) CT-derived ones. ``shifted`` draws from
-    :data:`SHIFTED_RANGES` instead of :data:`TRAINING_RANGES`. Returns each case's file paths.
+    :data:`SHIFTED_RANGES` instead of :data:`TRAINING_RANGES`; ``osem`` reconstructs every SPECT by OS-EM from
+    noisy projections (``reconstruction``) instead of image-space noise. Returns each case's file paths.
     """
     seed = check_seed(seed)
     if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 1:
@@ -90,6 +93,8 @@ def phantom_command(
     if (from_ct is None) != (bone_labels is None):
         raise InputError("--from-ct and --bone-labels go together: give both (or neither for procedural phantoms)")
     ranges = SHIFTED_RANGES if shifted else TRAINING_RANGES
+    if osem:
+        ranges = dataclasses.replace(ranges, osem_probability=1.0)
     out_path = Path(out)
     if out_path.exists() and not out_path.is_dir():
         raise OutputError(f"{out_path}: exists and is not a directory")

@@ -6,6 +6,9 @@ from typing import Sequence, Tuple
 import numpy as np
 import SimpleITK as sitk
 
+#: A Gaussian's sigma per unit of its full width at half maximum.
+FWHM_TO_SIGMA = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
+
 
 def image_on(array: np.ndarray, reference: sitk.Image) -> sitk.Image:
     """``array`` (z, y, x) as an image with ``reference``'s geometry."""

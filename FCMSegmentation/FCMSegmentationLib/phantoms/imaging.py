@@ -3,7 +3,9 @@
 activity on the CT grid -> Gaussian PSF (sampled FWHM, slightly anisotropic) -> rigid SPECT/CT
 misregistration and resampling onto the SPECT's own grid (3-5 mm voxels, other origin/extent) ->
 attenuation-like depth fall-off (uncorrected fraction) and a broad scatter component -> Poisson noise at a
-sampled count density -> optional Gaussian post-filter (correlated, OS-EM-like texture).
+sampled count density -> optional Gaussian post-filter (correlated, OS-EM-like texture). With the ranges'
+``osem_probability`` a case's noise is instead drawn on projections of that image and the image is
+reconstructed by OS-EM (``reconstruction``).
 """
 import math
 from dataclasses import dataclass
@@ -15,11 +17,11 @@ from scipy import ndimage
 
 from ..errors import InputError
 from .case import LESION, PhantomCase
-from .geometry import blank_geometry, image_on, smooth_field
+from .geometry import FWHM_TO_SIGMA, blank_geometry, image_on, smooth_field
 from .lesions import add_lesions
 from .ranges import SimulationRanges, log_uniform, rounded, uniform
+from .reconstruction import osem_spect, sample_osem
 
-FWHM_TO_SIGMA = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
 
 
 @dataclass
@@ -160,6 +162,7 @@ def _simulate_spect(
     scatter = uniform(rng, ranges.scatter_fraction)
     scatter_fwhm = uniform(rng, ranges.scatter_fwhm_mm)
     mu = uniform(rng, ranges.attenuation_mu_per_mm)
+    osem, osem_stream = sample_osem(params["seed"], ranges, fwhm)
 
     sig = fwhm * FWHM_TO_SIGMA
     blurred = sitk.SmoothingRecursiveGaussian(image_on(activity, ct_grid), [sig, sig, sig * axial])
@@ -177,7 +180,10 @@ def _simulate_spect(
         exp_arr *= np.exp(-mu * depth)
     voxel_ml = float(np.prod(spect_ref.GetSpacing())) / 1000.0
     exp_arr *= count_density * voxel_ml
-    counts = rng.poisson(np.maximum(exp_arr, 0.0)).astype(np.float32)
+    if osem is None:
+        counts = rng.poisson(np.maximum(exp_arr, 0.0)).astype(np.float32)
+    else:
+        counts = osem_spect(exp_arr, spect_ref.GetSpacing()[0], osem, osem_stream)
     if post > 0.5:
         sig_vox = [post * FWHM_TO_SIGMA / s for s in spect_ref.GetSpacing()[::-1]]
         counts = ndimage.gaussian_filter(counts, sig_vox, truncate=3.0).astype(np.float32)
@@ -192,6 +198,7 @@ def _simulate_spect(
         count_density=rounded(count_density),
         expected_total_counts=rounded(float(exp_arr.sum()), 1),
         total_counts=rounded(float(counts.sum()), 1),
+        spect_reconstruction=None if osem is None else osem.as_params(),
         postfilter_fwhm_mm=rounded(post),
         scatter_fraction=rounded(scatter),
         scatter_fwhm_mm=rounded(scatter_fwhm),

@@ -44,6 +44,13 @@ class SimulationRanges:
     scatter_fraction: Range = (0.0, 0.25)
     scatter_fwhm_mm: Range = (40.0, 80.0)
     attenuation_mu_per_mm: Range = (0.0, 0.008)  # uncorrected attenuation-like fall-off with depth
+    # OS-EM: share of cases reconstructed from noisy projections instead of image-space noise (reconstruction.py)
+    osem_probability: float = 0.0
+    osem_views: Range = (60, 120)  # projections over 360 degrees
+    osem_subsets: Range = (4, 10)
+    osem_iterations: Range = (2, 6)
+    osem_resolution_recovery_probability: float = 0.5  # the reconstruction models part of the camera's blur
+    osem_psf_model_fraction: Range = (0.5, 0.9)  # that part, as a fraction of the PSF's FWHM
     # uptake
     bone_ratio: Range = (6.0, 14.0)  # bone : soft tissue
     marrow_factor: Range = (0.7, 1.1)  # marrow uptake / cortex uptake
@@ -76,7 +83,8 @@ class SimulationRanges:
                     raise InputError(f"simulation range {f.name}={value!r}: give (low, high) with low <= high")
                 if value[0] < 0:
                     raise InputError(f"simulation range {f.name}={value!r}: values must be >= 0")
-        for name in ("cold_lesion_probability", "lesion_ct_change_probability"):
+        for name in ("cold_lesion_probability", "lesion_ct_change_probability", "osem_probability",
+                     "osem_resolution_recovery_probability"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise InputError(f"simulation parameter {name} must lie in [0, 1]")
         if self.count_density[0] <= 0 or self.spect_spacing_mm[0] <= 0 or self.ct_spacing_mm[0] <= 0:

@@ -34,9 +34,10 @@ bench: install
 	$(PYTHON) scripts/bench_refine.py
 	$(PYTHON) scripts/bench_alignment.py
 
-# The README's walkthrough pictures, rendered from real MRML output (slicer-core).
+# The README's walkthrough pictures, rendered from real MRML output (slicer-core), and the SPECT chains figure.
 figures: install
 	$(PYTHON) scripts/render_walkthrough.py
+	$(PYTHON) scripts/render_spect_chains.py
 
 clean:
 	rm -rf $(OUT) build *.egg-info .pytest_cache

@@ -23,7 +23,6 @@ from .ranges import SimulationRanges, log_uniform, rounded, uniform
 from .reconstruction import osem_spect, sample_osem
 
 
-
 @dataclass
 class Anatomy:
     """What a phantom generator hands to the imaging chain; arrays are (z, y, x) on ``ct_grid``.

@@ -291,7 +291,7 @@ def ablation_scores(tmp_path, flag: str, suffix: str):
     return shipped, left_out
 
 
-def test_compare_models_needs_two_models_or_one_ablation():
+def test_compare_models_needs_two_models_or_one_ablation_or_setting(tmp_path):
     import compare_models
     from FCMSegmentationLib.modelfile import default_model_path
 
@@ -299,6 +299,10 @@ def test_compare_models_needs_two_models_or_one_ablation():
     for argv in ([model], [model, "--lesion-filter-ablation", "--cortex-ablation"]):
         with pytest.raises(SystemExit):
             compare_models.main(argv)
+    report = tmp_path / "one.md"  # one model in one setting: the setting against image-space noise, paired
+    assert compare_models.main([model, "--osem-spect", "--procedural", "1", "--ct-derived", "0",
+                                "--report", str(report)]) == 0
+    assert f"`{model}, OS-EM SPECT` minus `{model}`" in report.read_text()
 
 
 def test_compare_models_measures_the_lesion_filter_against_keeping_every_lesion(tmp_path):

@@ -11,7 +11,7 @@ import argparse
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import SimpleITK as sitk
@@ -28,9 +28,10 @@ DEFAULT_OUT = REPO / "docs" / "figures" / "spect_chains.png"
 DEFAULT_SEED = 20000  # a low-count phantom (45 counts per ml), where the textures differ most
 
 
-def spect_chains(seed: int) -> Dict[str, np.ndarray]:
+def spect_chains(seed: int) -> Dict[str, Any]:
     """{chain's title: SPECT (z, y, x)} of procedural phantom ``seed``, plus ``"bone"``: its truth's bone
-    (lesions included) on the SPECT grid, as the SPECT shows it (misregistration applied)."""
+    (lesions included) on the SPECT grid, as the SPECT shows it (misregistration applied), and
+    ``"settings"``: the OS-EM settings (the card's ``spect_reconstruction`` entry)."""
     from FCMSegmentationLib.phantoms import TRAINING_RANGES, misregistration_transform, procedural_phantom
 
     osem = replace(TRAINING_RANGES, osem_probability=1.0)
@@ -48,7 +49,7 @@ def spect_chains(seed: int) -> Dict[str, np.ndarray]:
     return images
 
 
-def render(images: Dict[str, np.ndarray], out: Path) -> Path:
+def render(images: Dict[str, Any], out: Path) -> Path:
     """Axial and coronal slices through the bone's centre, one column per chain, one grey scale."""
     bone = images["bone"]
     z, y, _ = (int(round(c)) for c in np.argwhere(bone).mean(axis=0))

@@ -364,3 +364,22 @@ def test_benchmark_model_description_names_an_averaged_models_parents(tmp_path):
     assert "mean of" not in load_benchmark_model(str(tmp_path / "plain.pt"))[1]
     described = load_benchmark_model(str(tmp_path / "mean.pt"))[1]
     assert f"the mean of 2 models' weights ({'a' * 12}, {'b' * 12})" in described
+
+
+def test_accuracy_benchmark_with_osem_reconstructs_every_case_and_writes_its_own_section(tmp_path):
+    import json
+
+    import bench_accuracy
+    from FCMSegmentationLib.phantoms import TRAINING_RANGES
+
+    assert bench_accuracy.case_ranges("ct", quick=False, osem=False) is TRAINING_RANGES
+    for kind in ("procedural", "ct"):
+        assert bench_accuracy.case_ranges(kind, quick=True, osem=True).osem_probability == 1.0
+    assert bench_accuracy.case_ranges("procedural", quick=True, osem=False) == bench_accuracy.quick_ranges()
+    assert bench_accuracy.main(["--quick", "--osem", "--random-weights", "--cases", "1", "--docs", str(tmp_path)]) == 0
+    text = (tmp_path / "benchmarks.md").read_text()
+    assert "<!-- BEGIN bench_accuracy_osem -->" in text and "<!-- BEGIN bench_accuracy -->" not in text
+    assert "SPECT reconstructed by OS-EM" in text and "overlay" not in text.lower()
+    results = json.loads((tmp_path / "results" / "bench_accuracy_osem.json").read_text())
+    assert results["osem"] is True and len(results["cases"]) == 1
+    assert (tmp_path / "figures" / "accuracy_dice_osem.png").is_file()

@@ -23,6 +23,7 @@ accuracy_dice_osem.png and bench_accuracy_osem.json.
     python scripts/bench_accuracy.py --quick         # smoke test (2 small cases, to out/bench-quick)
 """
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -79,8 +80,6 @@ def timed(function: Callable[[], Any]):
 
 def quick_ranges():
     """Training ranges with a smaller, coarser procedural field (smoke runs only)."""
-    import dataclasses
-
     return dataclasses.replace(TRAINING_RANGES, field_width_mm=(260.0, 280.0), field_length_mm=(90.0, 110.0),
                                ct_spacing_mm=(3.0, 3.0), ct_slice_mm=(3.0, 3.0))
 
@@ -88,8 +87,6 @@ def quick_ranges():
 def case_ranges(kind: str, quick: bool, osem: bool):
     """The ranges a case of ``kind`` is drawn from: the training ranges (a small field for quick procedural
     cases), every SPECT reconstructed by OS-EM with ``osem``."""
-    import dataclasses
-
     ranges = quick_ranges() if quick and kind == "procedural" else TRAINING_RANGES
     return dataclasses.replace(ranges, osem_probability=1.0) if osem else ranges
 
@@ -300,10 +297,10 @@ def report(docs: Path, data: Dict[str, Any], figure: Path, overlay: Optional[Pat
         "skipped for the model on SPECT+CT). Seconds per case: wall time of the method on this CPU, from its "
         "inputs to labels on the CT grid (the model: `segment`, preprocessing and resampling included; "
         "model loading and the simulated user's painting excluded)."
-        + (" The cases are those of the section above, each SPECT made instead from noisy projections by "
-           "OS-EM (`phantoms/reconstruction.py`: 60–120 views, Poisson noise on the projections with the same "
-           "expected counts, 4–10 subsets x 2–6 iterations, half with resolution recovery), as a scanner "
-           "makes it." if osem else ""),
+        + (" The cases are those of *Accuracy against classical peers*, each SPECT made instead from noisy "
+           "projections by OS-EM (`phantoms/reconstruction.py`: 60–120 views, Poisson noise on the projections "
+           "with the same expected counts, 4–10 subsets x 2–6 iterations, half with resolution recovery), as a "
+           "scanner makes it." if osem else ""),
         "",
         markdown_table(["method", "bone Dice", "lesion Dice", "seconds / case"], rows),
         "",
@@ -323,7 +320,7 @@ def report(docs: Path, data: Dict[str, Any], figure: Path, overlay: Optional[Pat
         f"{'below' if (overall[UPTAKE_BOUND]['lesion']['mean'] or 0.0) < TARGETS['lesion'] else 'not below'} "
         f"the lesion target of {TARGETS['lesion']:.2f}: what the simulated misregistration alone leaves a "
         "method that places lesions by their uptake without first aligning the SPECT to the CT. The model "
-        "aligns it (`alignment.py`; section *SPECT/CT alignment* below) where the two overlap over 60 mm or "
+        "aligns it (`alignment.py`; section *SPECT/CT alignment*) where the two overlap over 60 mm or "
         "more along every axis: on the procedural cases, not on the CT-derived slabs.",
         "",
         "Lesion by lesion, pooled over all cases (`metrics.lesion_detection`; a lesion is a 26-connected "

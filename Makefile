@@ -31,6 +31,7 @@ demo: install
 bench: install
 	$(PYTHON) scripts/bench_inference.py
 	$(PYTHON) scripts/bench_accuracy.py
+	$(PYTHON) scripts/bench_accuracy.py --osem
 	$(PYTHON) scripts/bench_refine.py
 	$(PYTHON) scripts/bench_alignment.py
 

@@ -9,13 +9,14 @@ import torch
 from FCMSegmentationLib.calibration import (
     CALIBRATION_SEED_BASE,
     calibrate,
-    choose_weights,
+    choose_decision,
     decision_dice,
-    weight_grid,
+    decision_grid,
     write_calibrated_model,
 )
 from FCMSegmentationLib.cortex import complete_cortex
 from FCMSegmentationLib.errors import InputError, ModelError
+from FCMSegmentationLib.lesion_core import trim_lesions
 from FCMSegmentationLib.metrics import evaluate_images
 from FCMSegmentationLib.modelfile import LoadedModel, load_model, read_card, save_model
 from FCMSegmentationLib.preprocessing import dense_bone_mask, labels_from_memberships
@@ -46,41 +47,47 @@ def test_a_wrong_number_of_weights_is_refused():
 
 
 def test_the_grid_starts_with_the_plain_argmax_and_keeps_bone_at_one():
-    grid = weight_grid()
-    assert grid[0] == (1.0, 1.0, 1.0)
-    assert all(weights[1] == 1.0 for weights in grid) and len(set(grid)) == len(grid)
+    grid = decision_grid()
+    assert grid[0] == ((1.0, 1.0, 1.0), 0.0)  # the plain argmax, lesions untrimmed
+    assert all(weights[1] == 1.0 for weights, _ in grid) and len(set(grid)) == len(grid)
+    assert {core for _, core in grid} == {0.0, 0.5, 0.6, 0.7}
 
 
-def test_choose_weights_maximises_bone_plus_lesion_and_skips_undefined_cases():
-    grid = [(1.0, 1.0, 1.0), (1.5, 1.0, 1.0), (1.0, 1.0, 0.5)]
+def test_choose_decision_maximises_bone_plus_lesion_and_skips_undefined_cases():
+    grid = [((1.0, 1.0, 1.0), 0.0), ((1.5, 1.0, 1.0), 0.0), ((1.0, 1.0, 0.5), 0.6)]
     scores = np.array([
         [[0.80, 0.30], [0.85, 0.30], [0.80, 0.50]],
         [[0.90, np.nan], [0.95, np.nan], [0.90, np.nan]],  # no lesion in truth or prediction: skipped
     ])
-    weights, summary = choose_weights(scores, grid)
-    assert weights == (1.0, 1.0, 0.5)
+    (weights, core), summary = choose_decision(scores, grid)
+    assert (weights, core) == ((1.0, 1.0, 0.5), 0.6)
+    assert (summary["weights"], summary["lesion_core"]) == ([1.0, 1.0, 0.5], 0.6)
     assert summary["lesion_dice"] == pytest.approx(0.50) and summary["bone_dice"] == pytest.approx(0.85)
     assert summary["reference_lesion_dice"] == pytest.approx(0.30) and summary["cases"] == 2
 
 
-def test_choose_weights_keeps_the_first_on_ties_and_checks_the_shape():
-    grid = [(1.0, 1.0, 1.0), (2.0, 1.0, 1.0)]
-    assert choose_weights(np.full((3, 2, 2), 0.5), grid)[0] == grid[0]
+def test_choose_decision_keeps_the_first_on_ties_and_checks_the_shape():
+    grid = [((1.0, 1.0, 1.0), 0.0), ((2.0, 1.0, 1.0), 0.6)]
+    assert choose_decision(np.full((3, 2, 2), 0.5), grid)[0] == grid[0]
     with pytest.raises(InputError, match="must be"):
-        choose_weights(np.zeros((3, 5, 2)), grid)
+        choose_decision(np.zeros((3, 5, 2)), grid)
 
 
-def test_decision_dice_scores_each_weighting_on_the_truth_grid():
-    truth_array = np.array([[[0, 1, 2, 2]]], dtype=np.uint8)
+def test_decision_dice_scores_each_decision_on_the_truth_grid():
+    truth_array = np.array([[[0, 1, 2, 2, 1]]], dtype=np.uint8)
     truth = sitk.GetImageFromArray(truth_array)
     truth.SetSpacing((2.0, 2.0, 2.0))
-    stacked = _memberships((0.6, 0.4, 0.0), (0.4, 0.6, 0.0), (0.1, 0.3, 0.6), (0.1, 0.55, 0.35))
+    stacked = _memberships((0.6, 0.4, 0.0), (0.4, 0.6, 0.0), (0.1, 0.3, 0.6), (0.1, 0.55, 0.35), (0.1, 0.6, 0.3))
     memberships = sitk.GetImageFromArray(np.moveaxis(stacked, 0, -1), isVector=True)
     memberships.CopyInformation(truth)
-    scores = decision_dice(memberships, truth, [(1.0, 1.0, 1.0), (1.0, 1.0, 2.0)])
-    # plain argmax: bone {1, 3} vs truth {1}; lesion {2} vs truth {2, 3}. Lesion x2: bone {1}, lesion {2, 3}
-    assert scores[0].tolist() == pytest.approx([2 / 3, 2 / 3])
+    grid = [((1.0, 1.0, 1.0), 0.0), ((1.0, 1.0, 2.0), 0.0), ((1.0, 1.0, 2.5), 0.0), ((1.0, 1.0, 2.5), 0.55)]
+    scores = decision_dice(memberships, truth, grid)
+    # plain argmax: bone {1, 3, 4} vs truth {1, 4}; lesion {2} vs truth {2, 3}. Lesion x2: bone {1, 4},
+    # lesion {2, 3}. Lesion x2.5 also takes voxel 4 (0.75 > 0.6), which a core of 0.55 x 0.6 = 0.33 trims
+    assert scores[0].tolist() == pytest.approx([0.8, 2 / 3])
     assert scores[1].tolist() == pytest.approx([1.0, 1.0])
+    assert scores[2].tolist() == pytest.approx([2 / 3, 0.8])
+    assert scores[3].tolist() == pytest.approx([1.0, 1.0])
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +95,8 @@ def calibrated_on_one_phantom():
     from FCMSegmentationLib.modelfile import random_model
 
     model = random_model("cpu", seed=0, norm="instance")
-    grid = [(1.0, 1.0, 1.0), (1.5, 1.0, 1.0), (1.0, 1.0, 0.5), (0.7, 1.0, 1.0)]
+    grid = [((1.0, 1.0, 1.0), 0.0), ((1.5, 1.0, 1.0), 0.0), ((1.0, 1.0, 0.5), 0.0), ((0.7, 1.0, 1.0), 0.0),
+            ((0.7, 1.0, 1.0), 0.7)]
     return model, grid, calibrate(model, procedural=1, grid=grid, inputs=("spect_ct",))
 
 
@@ -96,7 +104,8 @@ def test_calibration_records_its_plan_and_picks_a_grid_point(calibrated_on_one_p
     _, grid, decision = calibrated_on_one_phantom
     record = decision["calibration"]
     assert (record["procedural"], record["ct_derived"], record["seed_base"]) == (1, 0, CALIBRATION_SEED_BASE)
-    assert tuple(decision["spect_ct"]) in grid and "spect_only" not in decision
+    assert (tuple(decision["spect_ct"]), decision["lesion_core"]["spect_ct"]) in grid
+    assert "spect_only" not in decision and "spect_only" not in decision["lesion_core"]
     chosen = record["spect_ct"]
     reference = chosen["reference_bone_dice"] + chosen["reference_lesion_dice"]
     assert chosen["bone_dice"] + chosen["lesion_dice"] >= reference
@@ -109,6 +118,8 @@ def test_segment_with_the_calibrated_card_delivers_the_calibrated_dice(calibrate
     calibrated = LoadedModel(model.network, dict(model.card, decision=decision))
     assert calibrated.decision_weights(with_ct=True) == tuple(decision["spect_ct"])
     assert calibrated.decision_weights(with_ct=False) == (1.0, 1.0, 1.0)  # not calibrated: plain argmax
+    assert calibrated.lesion_core(with_ct=True) == decision["lesion_core"]["spect_ct"]
+    assert calibrated.lesion_core(with_ct=False) == 0.0
     phantom = generate_phantom(CALIBRATION_SEED_BASE, kind="procedural")
     result = segment(phantom.spect, phantom.ct, calibrated)
     dice = evaluate_images(result.labels, phantom.truth)
@@ -117,7 +128,8 @@ def test_segment_with_the_calibrated_card_delivers_the_calibrated_dice(calibrate
     # a lesion Dice undefined on every case counts 0 in the record (the objective needs a number)
     assert (0.0 if math.isnan(dice["lesion"]) else dice["lesion"]) == pytest.approx(record["lesion_dice"])
     plain = np.moveaxis(sitk.GetArrayFromImage(result.memberships), -1, 0)
-    decided = labels_from_memberships(plain, decision["spect_ct"])
+    decided = trim_lesions(labels_from_memberships(plain, decision["spect_ct"]), plain, decision["spect_ct"],
+                           decision["lesion_core"]["spect_ct"])
     completed = complete_cortex(decided, plain, dense_bone_mask(phantom.ct))
     assert np.array_equal(sitk.GetArrayFromImage(result.labels), completed)
     assert not np.array_equal(completed, decided)  # the cortex completion, which calibration scored, added bone
@@ -130,13 +142,15 @@ def test_write_calibrated_model_keeps_the_weights_and_adds_the_decision(tmp_path
     model = random_model("cpu", seed=0)
     source = tmp_path / "model.pt"
     card = save_model(source, model.network, model.card)
-    decision = {"spect_ct": [1.25, 1.0, 0.5], "spect_only": [1.0, 1.0, 0.7], "calibration": {"procedural": 2}}
+    decision = {"spect_ct": [1.25, 1.0, 0.5], "spect_only": [1.0, 1.0, 0.7], "lesion_core": {"spect_ct": 0.6},
+                "calibration": {"procedural": 2}}
     monkeypatch.setattr(calibration, "calibrate", lambda *args, **kwargs: decision)
     out = tmp_path / "calibrated.pt"
     written = write_calibrated_model(str(source), str(out), procedural=2)
     assert written["weights_sha256"] == card["weights_sha256"] and read_card(out)["decision"] == decision
     loaded = load_model(out)
     assert loaded.decision_weights(with_ct=True) == (1.25, 1.0, 0.5)
+    assert (loaded.lesion_core(with_ct=True), loaded.lesion_core(with_ct=False)) == (0.6, 0.0)
     for name, value in model.network.state_dict().items():
         assert torch.equal(loaded.network.state_dict()[name], value)
 
@@ -150,14 +164,17 @@ def test_ct_derived_calibration_without_the_ct_is_refused_before_any_output(tmp_
     assert not out.exists()
 
 
-@pytest.mark.parametrize("bad", [[1.0, 1.0], [1.0, 0.0, 1.0], [1.0, float("inf"), 1.0], "1,1,1"])
+@pytest.mark.parametrize("bad", [{"spect_ct": [1.0, 1.0]}, {"spect_ct": [1.0, 0.0, 1.0]},
+                                 {"spect_ct": [1.0, float("inf"), 1.0]}, {"spect_ct": "1,1,1"},
+                                 {"lesion_core": {"spect_ct": 1.0}}, {"lesion_core": {"spect_ct": -0.1}},
+                                 {"lesion_core": {"spect_ct": float("nan")}}, {"lesion_core": [0.6]}])
 def test_a_card_with_bad_decision_weights_is_refused_on_load(tmp_path, bad):
     from FCMSegmentationLib.modelfile import random_model
 
     model = random_model("cpu", seed=0)
     path = tmp_path / "bad.pt"
-    save_model(path, model.network, dict(model.card, decision={"spect_ct": bad}))
-    with pytest.raises(ModelError, match="decision weights"):
+    save_model(path, model.network, dict(model.card, decision=bad))
+    with pytest.raises(ModelError, match="decision weights|lesion core"):
         load_model(path)
 
 
@@ -169,8 +186,8 @@ def test_the_command_line_calibrates_and_reports(tmp_path, monkeypatch, capsys):
     model = random_model("cpu", seed=0)
     source = tmp_path / "model.pt"
     save_model(source, model.network, model.card)
-    summary = {"weights": [1.25, 1.0, 0.5], "bone_dice": 0.9, "lesion_dice": 0.3, "reference_bone_dice": 0.88,
-               "reference_lesion_dice": 0.25, "cases": 3}
+    summary = {"weights": [1.25, 1.0, 0.5], "lesion_core": 0.6, "bone_dice": 0.9, "lesion_dice": 0.3,
+               "reference_bone_dice": 0.88, "reference_lesion_dice": 0.25, "cases": 3}
     seen = {}
 
     def fake_calibrate(model, procedural, ct_derived, *args, **kwargs):
@@ -182,5 +199,6 @@ def test_the_command_line_calibrates_and_reports(tmp_path, monkeypatch, capsys):
     out = tmp_path / "calibrated.pt"
     assert main(["calibrate", "--model", str(source), "--out", str(out), "--phantoms", "3"]) == 0
     assert seen == {"procedural": 3, "ct_derived": 0}
-    assert "bone Dice 0.880 -> 0.900, lesion Dice 0.250 -> 0.300 on 3 phantoms" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "lesion core 0.6: bone Dice 0.880 -> 0.900, lesion Dice 0.250 -> 0.300 on 3 phantoms" in printed
     assert load_model(out).decision_weights(with_ct=False) == (1.25, 1.0, 0.5)

@@ -407,14 +407,16 @@ def test_segment_leaves_out_lesions_outside_bone_unless_painted_there(tiny_case,
     assert (sitk.GetArrayFromImage(session.segment().labels) == 2).any()
 
 
-def test_a_calibrated_model_labels_by_its_decision_weights_and_painted_voxels_stay(tiny_case, untrained):
+def test_a_calibrated_model_labels_by_its_decision_and_painted_voxels_stay(tiny_case, untrained):
     from FCMSegmentationLib.cortex import complete_cortex
+    from FCMSegmentationLib.lesion_core import trim_lesions
     from FCMSegmentationLib.modelfile import LoadedModel
     from FCMSegmentationLib.preprocessing import dense_bone_mask, labels_from_memberships
 
     spect, ct, truth = tiny_case
-    weights = [1.5, 1.0, 0.5]
-    calibrated = LoadedModel(untrained.network, dict(untrained.card, decision={"spect_ct": weights}))
+    weights, core = [1.5, 1.0, 2.5], 0.9  # lesion weighted up: lesions beyond the strokes, to trim
+    decision = {"spect_ct": weights, "lesion_core": {"spect_ct": core}}
+    calibrated = LoadedModel(untrained.network, dict(untrained.card, decision=decision))
     session = RefinementSession(spect, ct, calibrated, "cpu", FAST)
     strokes = strokes_from_truth(truth, per_class=15)
     result = session.refine(strokes, steps=1)
@@ -422,8 +424,10 @@ def test_a_calibrated_model_labels_by_its_decision_weights_and_painted_voxels_st
     labels = sitk.GetArrayFromImage(result.labels)
     painted = sitk.GetArrayFromImage(strokes) > 0
     decided = labels_from_memberships(memberships, weights)
-    np.testing.assert_array_equal(labels, complete_cortex(decided, memberships, dense_bone_mask(ct)))
+    trimmed = trim_lesions(decided, memberships, weights, core, painted)
+    np.testing.assert_array_equal(labels, complete_cortex(trimmed, memberships, dense_bone_mask(ct)))
     assert not np.array_equal(decided, labels_from_memberships(memberships))  # the weights made a difference
+    assert (trimmed == 2).sum() < (decided == 2).sum()  # and so did the lesion core
     np.testing.assert_array_equal(labels[painted], sitk.GetArrayFromImage(strokes)[painted] - 1)
 
 

@@ -1,4 +1,5 @@
-"""Decision calibration: per-class weights on a model's memberships before the argmax that gives labels.
+"""Decision calibration: per-class weights on a model's memberships before the argmax that gives labels,
+and the lesion core that narrows each lesion found (:mod:`lesion_core`).
 
 The label loss weights class k by ``N_k ** -class_balance``, so the rare classes (bone, lesion) weigh more
 in training than background, and a plain argmax of the network's memberships over-calls them: bone
@@ -6,10 +7,12 @@ edges one CT voxel too wide, bone hot spots called lesion. Weighting the members
 (a prior correction) undoes that without retraining. The weights are chosen on calibration phantoms
 (seeds from :data:`CALIBRATION_SEED_BASE`, never used in training, validation or the benchmarks) as the
 grid point with the largest mean bone Dice + mean lesion Dice, separately for SPECT+CT and SPECT-only
-input, and written into the model card, where :func:`segmentation.segment` and refinement sessions read
-them. The memberships themselves, the soft output, are unchanged. The lesion filter still picks its
-candidates by the plain argmax on the working grid; the cortex completion (:mod:`cortex`) follows the
-weighted decision, and calibration scores the labels with it, as segmentation gives them.
+input, together with the lesion core: the weights decide which faint lesions are found, the core how far
+a found lesion reaches. Both are written into the model card, where :func:`segmentation.segment` and
+refinement sessions read them. The memberships themselves, the soft output, are unchanged. The lesion
+filter still picks its candidates by the plain argmax on the working grid; the lesion core and the cortex
+completion (:mod:`cortex`) follow the weighted decision, and calibration scores the labels with them, as
+segmentation gives them.
 """
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -18,7 +21,7 @@ import SimpleITK as sitk
 
 from .errors import InputError
 from .metrics import evaluate_images
-from .modelfile import LoadedModel, decision_key
+from .modelfile import LESION_CORE_KEY, LoadedModel, decision_key
 from .preprocessing import array_to_image, dense_bone_mask, geometry_of
 from .progress import ProgressCallback, report
 from .validation import INPUTS, plan_phantoms, validation_plan
@@ -26,21 +29,24 @@ from .validation import INPUTS, plan_phantoms, validation_plan
 CALIBRATION_SEED_BASE = 6_000_000
 BACKGROUND_WEIGHTS = (1.0, 1.25, 1.5, 2.0)
 LESION_WEIGHTS = (1.0, 0.7, 0.5, 0.35, 0.25)
+LESION_CORES = (0.0, 0.5, 0.6, 0.7)
 OBJECTIVE = "mean bone Dice + mean lesion Dice over the calibration phantoms"
 
 Weights = Tuple[float, float, float]
+Decision = Tuple[Weights, float]  # (background, bone, lesion) weights, lesion core
 
 
-def weight_grid(background: Sequence[float] = BACKGROUND_WEIGHTS,
-                lesion: Sequence[float] = LESION_WEIGHTS) -> List[Weights]:
-    """Candidate (background, bone, lesion) weights; bone stays 1 (only ratios matter). The first entry
-    is the plain argmax when both sequences start with 1, so that ties keep the uncalibrated decision."""
-    return [(float(b), 1.0, float(les)) for b in background for les in lesion]
+def decision_grid(background: Sequence[float] = BACKGROUND_WEIGHTS, lesion: Sequence[float] = LESION_WEIGHTS,
+                  cores: Sequence[float] = LESION_CORES) -> List[Decision]:
+    """Candidate decisions: (background, bone, lesion) weights, bone staying 1 (only ratios matter), each
+    with every lesion core. The first entry is the plain argmax when all three sequences start with 1, 1
+    and 0, so that ties keep the uncalibrated decision."""
+    return [((float(b), 1.0, float(les)), float(core)) for b in background for les in lesion for core in cores]
 
 
-def decision_dice(memberships: sitk.Image, truth: sitk.Image, grid: Sequence[Weights],
+def decision_dice(memberships: sitk.Image, truth: sitk.Image, grid: Sequence[Decision],
                   dense_bone: Optional[np.ndarray] = None) -> np.ndarray:
-    """Dice (G, 2: bone, lesion) of the labels each weight triple of ``grid`` gives from ``memberships``
+    """Dice (G, 2: bone, lesion) of the labels each decision of ``grid`` gives from ``memberships``
     (a K-component image, as :class:`segmentation.SegmentationResult` holds), scored as the benchmarks
     score: on the truth's grid. dense_bone: the case's dense CT on the memberships' grid (as
     :class:`preprocessing.WorkingCase` holds it), to label as segmentation does, with the cortex completed."""
@@ -49,8 +55,9 @@ def decision_dice(memberships: sitk.Image, truth: sitk.Image, grid: Sequence[Wei
     stacked = np.moveaxis(sitk.GetArrayFromImage(memberships), -1, 0)
     reference = geometry_of(memberships)
     rows = []
-    for weights in grid:
-        dice = evaluate_images(array_to_image(decide_labels(stacked, weights, dense_bone), reference), truth)
+    for weights, core in grid:
+        labels = decide_labels(stacked, weights, dense_bone, core)
+        dice = evaluate_images(array_to_image(labels, reference), truth)
         rows.append((dice["bone"], dice["lesion"]))
     return np.asarray(rows, dtype=float)
 
@@ -62,17 +69,18 @@ def _class_means(scores: np.ndarray) -> np.ndarray:
     return np.where(defined.any(axis=0), totals / np.maximum(defined.sum(axis=0), 1), 0.0)
 
 
-def choose_weights(scores: np.ndarray, grid: Sequence[Weights]) -> Tuple[Weights, Dict[str, Any]]:
-    """The weights of ``grid`` with the largest mean bone + mean lesion Dice over ``scores`` (cases, G, 2);
-    the first best on ties. Returns them and a summary: the chosen and the first (reference) entry's means."""
+def choose_decision(scores: np.ndarray, grid: Sequence[Decision]) -> Tuple[Decision, Dict[str, Any]]:
+    """The decision of ``grid`` with the largest mean bone + mean lesion Dice over ``scores`` (cases, G, 2);
+    the first best on ties. Returns it and a summary: the chosen and the first (reference) entry's means."""
     if scores.ndim != 3 or scores.shape[1:] != (len(grid), 2) or not len(scores):
         raise InputError(f"calibration scores must be (cases, {len(grid)}, 2), got {scores.shape}")
     means = _class_means(scores)
     best = int(np.argmax(means.sum(axis=1)))
+    (weights, core), (reference_weights, reference_core) = grid[best], grid[0]
     summary = {
-        "weights": list(grid[best]),
+        "weights": list(weights), "lesion_core": core,
         "bone_dice": float(means[best, 0]), "lesion_dice": float(means[best, 1]),
-        "reference_weights": list(grid[0]),
+        "reference_weights": list(reference_weights), "reference_lesion_core": reference_core,
         "reference_bone_dice": float(means[0, 0]), "reference_lesion_dice": float(means[0, 1]),
         "cases": int(len(scores)),
     }
@@ -86,19 +94,20 @@ def calibrate(
     ct: Optional[sitk.Image] = None,
     bone_labels: Optional[sitk.Image] = None,
     device: str = "cpu",
-    grid: Optional[Sequence[Weights]] = None,
+    grid: Optional[Sequence[Decision]] = None,
     inputs: Iterable[str] = INPUTS,
     progress: Optional[ProgressCallback] = None,
 ) -> Dict[str, Any]:
-    """The card's ``decision`` entry for ``model``: weights per input (``spect_ct``, ``spect_only``) chosen
-    on ``procedural`` + ``ct_derived`` calibration phantoms, and a ``calibration`` record of how.
+    """The card's ``decision`` entry for ``model``: weights per input (``spect_ct``, ``spect_only``) and a
+    lesion core per input (``lesion_core``), chosen on ``procedural`` + ``ct_derived`` calibration
+    phantoms, and a ``calibration`` record of how.
 
     The phantoms are segmented once per input with the model's lesion filter on; every grid point is then
     scored on the same memberships. ct, bone_labels: the real CT for CT-derived phantoms.
     """
     from .segmentation import segment
 
-    grid = list(grid or weight_grid())
+    grid = list(grid or decision_grid())
     inputs = list(inputs)
     unknown = set(inputs) - set(INPUTS)
     if unknown or not inputs:
@@ -116,10 +125,12 @@ def calibrate(
         report(progress, number / len(plan), f"calibration phantom {number}/{len(plan)} ({kind}, seed {seed})")
     decision: Dict[str, Any] = {}
     record: Dict[str, Any] = {"procedural": procedural, "ct_derived": ct_derived, "seed_base": CALIBRATION_SEED_BASE,
-                              "objective": OBJECTIVE, "grid": [list(w) for w in grid]}
+                              "objective": OBJECTIVE, "grid": [[list(w), core] for w, core in grid]}
+    decision[LESION_CORE_KEY] = {}
     for used in inputs:
-        weights, record[used] = choose_weights(np.stack(scores[used]), grid)
+        (weights, core), record[used] = choose_decision(np.stack(scores[used]), grid)
         decision[decision_key(used == "spect_ct")] = list(weights)
+        decision[LESION_CORE_KEY][decision_key(used == "spect_ct")] = core
     decision["calibration"] = record
     return decision
 

@@ -201,7 +201,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                                       args.bone_labels, args.device, progress)
     for used in ("spect_ct", "spect_only"):
         chosen = card["decision"]["calibration"][used]
-        print(f"{used}: weights (background, bone, lesion) {chosen['weights']}: bone Dice "
+        print(f"{used}: weights (background, bone, lesion) {chosen['weights']}, lesion core "
+              f"{chosen['lesion_core']}: bone Dice "
               f"{chosen['reference_bone_dice']:.3f} -> {chosen['bone_dice']:.3f}, lesion Dice "
               f"{chosen['reference_lesion_dice']:.3f} -> {chosen['lesion_dice']:.3f} on {chosen['cases']} phantoms")
     print(f"wrote {args.out}")

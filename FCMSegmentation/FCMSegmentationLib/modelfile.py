@@ -27,6 +27,7 @@ from .preprocessing import CHANNELS, CLASS_NAMES, CT_CLIP, CT_WINDOW, DEFAULT_SP
 FORMAT_VERSION = 1
 DEFAULT_MODEL_NAME = "fcmseg_default.pt"
 MODEL_ENV_VAR = "FCMSEG_MODEL"
+LESION_CORE_KEY = "lesion_core"  # the card's decision entry for it: {input: fraction}
 
 PathLike = Union[str, os.PathLike]
 
@@ -52,6 +53,13 @@ class LoadedModel:
         SPECT-only input: the card's calibration (see :mod:`calibration`), all 1 for an uncalibrated model."""
         decision = self.card.get("decision") or {}
         return tuple(decision.get(decision_key(with_ct), (1.0,) * len(CLASS_NAMES)))
+
+    def lesion_core(self, with_ct: bool) -> float:
+        """The fraction of its peak lesion membership that a voxel needs to stay in its lesion
+        (:mod:`lesion_core`), for SPECT+CT or SPECT-only input: the card's calibration, 0 (lesions as the
+        weighted argmax draws them) for a model calibrated before it existed or not at all."""
+        decision = self.card.get("decision") or {}
+        return float((decision.get(LESION_CORE_KEY) or {}).get(decision_key(with_ct), 0.0))
 
 
 def decision_key(with_ct: bool) -> str:
@@ -167,6 +175,11 @@ def _check_decision(path: Path, decision: Any) -> None:
                 or not all(isinstance(w, (int, float)) and math.isfinite(w) and w > 0 for w in weights)):
             raise ModelError(f"{path}: model card's decision weights {weights!r} are not {len(CLASS_NAMES)} positive "
                              "numbers; calibrate the model again (fcmseg calibrate)")
+    cores = decision.get(LESION_CORE_KEY, {})
+    if not isinstance(cores, dict) or not all(
+            isinstance(core, (int, float)) and 0.0 <= core < 1.0 for core in cores.values()):
+        raise ModelError(f"{path}: model card's lesion core {cores!r} is not a fraction in [0, 1) per input; "
+                         "calibrate the model again (fcmseg calibrate)")
 
 
 def load_model(path: Optional[PathLike] = None, device: Union[str, torch.device] = "cpu") -> LoadedModel:

@@ -219,7 +219,8 @@ class RefinementSession:
             memberships, notes = drop_lesions_outside_bone(memberships, self.case, keep=self._painted_lesion())
         return result_from_working(memberships, self.case, self.device_description, notes,
                                    self.model.decision_weights(self.case.has_ct), painted=self._state.painted,
-                                   complete_cortex_edge=self.complete_cortex_edge)
+                                   complete_cortex_edge=self.complete_cortex_edge,
+                                   lesion_core=self.model.lesion_core(self.case.has_ct))
 
     def refine(
         self,

@@ -106,14 +106,14 @@ def result_from_working(memberships: np.ndarray, case: WorkingCase, device: str,
     painted voxels keep their painted class, with membership 1, as in Slicer's Grow-from-seeds.
     """
     on_output = memberships_to_output(memberships, case)
-    if painted is not None and painted.any():
-        where = painted > 0
+    where = None if painted is None else painted > 0
+    if where is not None and where.any():
         on_output[:, where] = 0.0
         for code in np.unique(painted[where]):
             on_output[int(code) - 1][painted == code] = 1.0
     # painted background (membership 1) is out of the cortex completion's reach
     labels = decide_labels(on_output, decision_weights, case.dense_bone if complete_cortex_edge else None,
-                           lesion_core, painted > 0 if painted is not None else None)
+                           lesion_core, where)
     labels = array_to_image(labels, case.output_reference)
     vector = sitk.GetImageFromArray(np.moveaxis(on_output, 0, -1), isVector=True)
     vector.CopyInformation(case.output_reference)

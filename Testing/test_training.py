@@ -15,7 +15,9 @@ from FCMSegmentationLib.modelfile import load_model
 from FCMSegmentationLib.training import (
     IGNORE,
     TrainConfig,
+    TrainingCase,
     balanced_label_loss,
+    lesion_voxel,
     phantom_plan,
     prepare_training_case,
     random_crop,
@@ -32,6 +34,42 @@ def test_prepared_case_has_labels_on_the_working_grid(tiny_case):
     assert set(np.unique(case.labels)) <= {IGNORE, 0, 1, 2}
     assert (case.labels == 2).sum() == len(case.lesion_voxels) > 0
     assert np.all(case.labels[~case.valid] == IGNORE)
+
+
+def test_prepared_case_numbers_its_lesions_by_26_connected_component(tiny_case):
+    case = prepare_training_case(*tiny_case)
+    assert len(case.lesion_ids) == len(case.lesion_voxels)
+    assert set(np.unique(case.lesion_ids)) == set(range(case.lesion_ids.max() + 1))
+
+
+def two_lesion_case() -> TrainingCase:
+    """A 1-voxel lesion and a 125-voxel one, as the 3 mm grid sees a 4 mm and a 15 mm lesion."""
+    labels = np.zeros((20, 20, 20), dtype=np.int64)
+    labels[2, 2, 2] = 2
+    labels[10:15, 10:15, 10:15] = 2
+    voxels = np.argwhere(labels == 2)
+    ids = (voxels[:, 0] >= 10).astype(np.int64)
+    valid = np.ones_like(labels, dtype=bool)
+    return TrainingCase(np.zeros((2,) + labels.shape, np.float32), valid, labels, voxels, ids, np.argwhere(valid))
+
+
+def test_per_lesion_sampling_picks_small_lesions_as_often_as_large_ones():
+    case = two_lesion_case()
+
+    def small_share(per_lesion):
+        rng = np.random.default_rng(0)
+        return np.mean([tuple(lesion_voxel(case, rng, per_lesion)) == (2, 2, 2) for _ in range(2000)])
+
+    assert small_share(False) < 0.02  # by voxel: 1 in 126
+    assert 0.45 < small_share(True) < 0.55
+    rng = np.random.default_rng(1)
+    for _ in range(50):  # always a lesion voxel
+        assert case.labels[tuple(lesion_voxel(case, rng, True))] == 2
+    from FCMSegmentationLib.cli import build_parser, train_config_from_args
+
+    parse = build_parser().parse_args
+    assert not train_config_from_args(parse(["train", "--out", "m.pt"])).per_lesion_crops
+    assert train_config_from_args(parse(["train", "--out", "m.pt", "--per-lesion-crops"])).per_lesion_crops
 
 
 def test_random_crop_pads_and_can_drop_ct(tiny_case):

@@ -173,7 +173,7 @@ def train_config_from_args(args: argparse.Namespace):
         device=args.device, threads=args.threads, checkpoint_every=args.checkpoint_every,
         channels=tuple(args.channels), init=args.init,
         spect_truncation=args.spect_truncation, spect_gain_sd=args.spect_gain_sd, align=args.align,
-        thick_ct=args.thick_ct, osem_spect=args.osem_spect,
+        thick_ct=args.thick_ct, osem_spect=args.osem_spect, per_lesion_crops=args.per_lesion_crops,
         **({"spacing_mm": args.spacing} if args.spacing is not None else {}),
     )
 
@@ -331,6 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--osem-spect", type=float, default=0.0,
                     help="probability that a phantom's SPECT is made from noisy projections by OS-EM instead of "
                          "image-space noise, so that the model knows a reconstruction's noise texture (default 0)")
+    tr.add_argument("--per-lesion-crops", action="store_true",
+                    help="centre lesion crops on a lesion chosen first, each equally likely, instead of on any "
+                         "lesion voxel, which favours large lesions (default off)")
     tr.set_defaults(handler=cmd_train)
 
     cal = commands.add_parser("calibrate", help="choose a model's decision weights on calibration phantoms "

@@ -27,8 +27,10 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 import torch.distributed as dist
+from scipy import ndimage
 
 from .errors import InputError
+from .lesion_core import CONNECTIVITY
 from .losses import fcm_label_loss, rfcm_loss
 from .modelfile import LoadedModel, load_model, new_card, save_model
 from .networks import UNet, count_parameters
@@ -66,6 +68,7 @@ class TrainConfig:
     spect_truncation: float = 0.0  # > 0: learn bone beyond the SPECT field (see prepare_training_case)
     spect_gain_sd: float = 0.1  # SD of the log of a crop's random SPECT gain (see random_crop)
     lesion_crop_fraction: float = 0.5
+    per_lesion_crops: bool = False  # lesion-centred crops pick a lesion first, each equally (see random_crop)
     align: bool = False  # undo each phantom's SPECT/CT misregistration first, as segmenting does (alignment.py)
     thick_ct: float = 0.0  # probability that a phantom's CT is re-sliced at 3-6 mm (phantoms/slicing.py)
     osem_spect: float = 0.0  # probability that a phantom's SPECT is reconstructed by OS-EM (phantoms/reconstruction.py)
@@ -108,6 +111,7 @@ class TrainingCase:
     valid: np.ndarray
     labels: np.ndarray
     lesion_voxels: np.ndarray = field(default_factory=lambda: np.zeros((0, 3), dtype=np.int64))
+    lesion_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # lesion of each, 0..n-1
     valid_voxels: np.ndarray = field(default_factory=lambda: np.zeros((0, 3), dtype=np.int64))
 
 
@@ -124,7 +128,10 @@ def prepare_training_case(spect: sitk.Image, ct: sitk.Image, truth: sitk.Image,
     case = prepare_case(spect, ct, spacing_mm, beyond_spect, align=align)
     labels = resample_to(sitk.Cast(truth, sitk.sitkUInt8), case.grid, linear=False).astype(np.int64)
     labels[~case.segmented | (~case.valid & (labels == LESION))] = IGNORE
-    return TrainingCase(case.features, case.valid, labels, np.argwhere(labels == LESION), np.argwhere(case.valid))
+    lesion_voxels = np.argwhere(labels == LESION)
+    components, _ = ndimage.label(labels == LESION, CONNECTIVITY)
+    lesion_ids = components[tuple(lesion_voxels.T)].astype(np.int64) - 1
+    return TrainingCase(case.features, case.valid, labels, lesion_voxels, lesion_ids, np.argwhere(case.valid))
 
 
 # ----- distributed context ------------------------------------------------------------------------
@@ -192,10 +199,26 @@ def build_cases(plan: Sequence[Tuple[str, int]], config: TrainConfig, real_ct: R
     return cases
 
 
+def lesion_voxel(case: TrainingCase, rng: np.random.Generator, per_lesion: bool) -> np.ndarray:
+    """A random lesion voxel (z, y, x) of ``case``, which must have one.
+
+    per_lesion False: every lesion voxel equally likely, so a 20 mm lesion (about 150 voxels on the 3 mm
+    grid) is chosen 40 times as often as a 6 mm one (about 4). True: a lesion first, each equally likely,
+    then one of its voxels, so that the small lesions the model misses are seen as often as large ones.
+    """
+    if not per_lesion:
+        return case.lesion_voxels[rng.integers(len(case.lesion_voxels))]
+    members = np.flatnonzero(case.lesion_ids == rng.integers(case.lesion_ids.max() + 1))
+    return case.lesion_voxels[members[rng.integers(len(members))]]
+
+
 def random_crop(case: TrainingCase, crop: int, rng: np.random.Generator, lesion_fraction: float,
-                ct_dropout: float, spect_truncation: float = 0.0, spect_gain_sd: float = 0.1
-                ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+                ct_dropout: float, spect_truncation: float = 0.0, spect_gain_sd: float = 0.1,
+                per_lesion: bool = False) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A (features, valid, labels) crop of side ``crop``, zero/ignore-padded, with augmentation.
+
+    lesion_fraction: probability that the crop is centred near a lesion voxel (:func:`lesion_voxel`, with
+    ``per_lesion``), else near any voxel of the SPECT field.
 
     spect_truncation: probability that the SPECT ends at a random axial plane of the crop, as where a
     SPECT field is shorter than the CT: beyond it the SPECT is 0 and lesions are ignored. A cut that
@@ -206,7 +229,7 @@ def random_crop(case: TrainingCase, crop: int, rng: np.random.Generator, lesion_
     """
     shape = np.array(case.valid.shape)
     if len(case.lesion_voxels) and rng.random() < lesion_fraction:
-        centre = case.lesion_voxels[rng.integers(len(case.lesion_voxels))] + rng.integers(-crop // 4, crop // 4 + 1, 3)
+        centre = lesion_voxel(case, rng, per_lesion) + rng.integers(-crop // 4, crop // 4 + 1, 3)
     else:
         centre = case.valid_voxels[rng.integers(len(case.valid_voxels))]
     begin = centre - crop // 2
@@ -240,7 +263,8 @@ def random_crop(case: TrainingCase, crop: int, rng: np.random.Generator, lesion_
 def make_batch(cases: Sequence[TrainingCase], config: TrainConfig, rng: np.random.Generator,
                device: torch.device) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     crops = [random_crop(cases[rng.integers(len(cases))], config.crop, rng, config.lesion_crop_fraction,
-                         config.ct_dropout, config.spect_truncation, config.spect_gain_sd)
+                         config.ct_dropout, config.spect_truncation, config.spect_gain_sd,
+                         config.per_lesion_crops)
              for _ in range(config.batch)]
     features, valid, labels = (torch.from_numpy(np.stack(parts)).to(device) for parts in zip(*crops))
     return features, valid[:, None], labels

@@ -65,6 +65,9 @@ def test_per_lesion_sampling_picks_small_lesions_as_often_as_large_ones():
     rng = np.random.default_rng(1)
     for _ in range(50):  # always a lesion voxel
         assert case.labels[tuple(lesion_voxel(case, rng, True))] == 2
+
+
+def test_fcmseg_train_samples_by_lesion_only_when_asked():
     from FCMSegmentationLib.cli import build_parser, train_config_from_args
 
     parse = build_parser().parse_args

@@ -68,7 +68,7 @@ class TrainConfig:
     spect_truncation: float = 0.0  # > 0: learn bone beyond the SPECT field (see prepare_training_case)
     spect_gain_sd: float = 0.1  # SD of the log of a crop's random SPECT gain (see random_crop)
     lesion_crop_fraction: float = 0.5
-    per_lesion_crops: bool = False  # lesion-centred crops pick a lesion first, each equally (see random_crop)
+    per_lesion_crops: bool = False  # lesion-centred crops pick a lesion first, each equally (lesion_voxel)
     align: bool = False  # undo each phantom's SPECT/CT misregistration first, as segmenting does (alignment.py)
     thick_ct: float = 0.0  # probability that a phantom's CT is re-sliced at 3-6 mm (phantoms/slicing.py)
     osem_spect: float = 0.0  # probability that a phantom's SPECT is reconstructed by OS-EM (phantoms/reconstruction.py)

@@ -137,10 +137,9 @@ def segment(
     Output is on the CT's grid when a CT is given, else on the SPECT's. With a CT, predicted lesions that
     are not in bone on the CT are left out (see :mod:`lesion_filter`) unless ``keep_lesions_outside_bone``.
     Labels follow the model's calibrated decision weights and lesion core (:mod:`lesion_core`), and with a
-    CT the dense edge of bone that the
-    working grid rounds off is put back from the CT (see :mod:`cortex`) unless not ``complete_cortex_edge``;
-    the memberships are the network's, unweighted. With a CT, a rigid SPECT/CT misregistration is first
-    found and undone (:mod:`alignment`) unless not ``align``.
+    CT the dense edge of bone that the working grid rounds off is put back from the CT (see :mod:`cortex`)
+    unless not ``complete_cortex_edge``; the memberships are the network's, unweighted. With a CT, a rigid
+    SPECT/CT misregistration is first found and undone (:mod:`alignment`) unless not ``align``.
     """
     torch_device = resolve_device(device)
     loaded = model if isinstance(model, LoadedModel) else load_model(model, torch_device)

@@ -107,3 +107,55 @@ def test_segment_trims_lesions_by_the_cards_lesion_core(tiny_case):
     trimmed = trim_lesions(labels_from_memberships(memberships, weights), memberships, weights, 0.9)
     np.testing.assert_array_equal(labelled[0.9], complete_cortex(trimmed, memberships, dense_bone_mask(ct)))
     assert 0 < (labelled[0.9] == 2).sum() < (labelled[0.0] == 2).sum()
+
+
+def test_a_users_lesion_core_replaces_the_calibrated_one_for_both_inputs():
+    from FCMSegmentationLib.errors import InputError
+    from FCMSegmentationLib.modelfile import LoadedModel, random_model
+
+    untrained = random_model("cpu")
+    calibrated = LoadedModel(untrained.network, dict(
+        untrained.card, decision={"spect_ct": [1.5, 1.0, 0.7], "lesion_core": {"spect_ct": 0.6, "spect_only": 0.6}}))
+    chosen = calibrated.with_lesion_core(0.4)
+    assert (chosen.lesion_core(True), chosen.lesion_core(False)) == (0.4, 0.4)
+    assert chosen.decision_weights(True) == (1.5, 1.0, 0.7)  # the weights stay calibrated
+    assert calibrated.lesion_core(True) == 0.6  # the loaded model is not changed
+    assert untrained.with_lesion_core(0.0).lesion_core(False) == 0.0  # an uncalibrated model takes one too
+    for nonsense in (1.0, -0.1):
+        with pytest.raises(InputError, match="lesion core"):
+            calibrated.with_lesion_core(nonsense)
+
+
+def test_cli_lesion_core_narrows_lesions_and_reaches_refinement_sessions(tiny_case, tmp_path):
+    import SimpleITK as sitk
+    from robust_helpers import run_cli
+
+    from FCMSegmentationLib.cli import _load_for_session, build_parser
+    from FCMSegmentationLib.modelfile import random_model, save_model
+
+    spect, ct, _ = tiny_case
+    paths = {name: tmp_path / f"{name}.nrrd" for name in ("spect", "ct")}
+    sitk.WriteImage(spect, str(paths["spect"]))
+    sitk.WriteImage(ct, str(paths["ct"]))
+    untrained = random_model("cpu", seed=0, norm="instance")
+    model_path = tmp_path / "model.pt"  # lesion weighted up: the untrained network then calls lesions to trim
+    save_model(model_path, untrained.network, dict(untrained.card, decision={"spect_ct": [1.0, 1.0, 2.5]}))
+    lesion_voxels = {}
+    for core in ("0", "0.9"):
+        out = tmp_path / f"labels_{core}.nrrd"
+        code, _, err = run_cli(["segment", "--spect", str(paths["spect"]), "--ct", str(paths["ct"]), "--output",
+                                str(out), "--model", str(model_path), "--device", "cpu", "--keep-lesions-outside-bone",
+                                "--lesion-core", core])
+        assert code == 0, err
+        lesion_voxels[core] = int((sitk.GetArrayFromImage(sitk.ReadImage(str(out))) == 2).sum())
+    assert 0 < lesion_voxels["0.9"] < lesion_voxels["0"]
+
+    refine = build_parser().parse_args(["refine", "--spect", str(paths["spect"]), "--output", str(tmp_path / "r.nrrd"),
+                                        "--scribbles", str(paths["ct"]), "--model", str(model_path),
+                                        "--lesion-core", "0.3"])
+    assert _load_for_session(refine)[2].lesion_core(False) == 0.3
+
+    missing = tmp_path / "no_such_spect.nrrd"  # the core is checked before any image is read
+    code, _, err = run_cli(["segment", "--spect", str(missing), "--output", str(tmp_path / "x.nrrd"),
+                            "--model", str(model_path), "--lesion-core", "1.5"])
+    assert code == 2 and "lesion core" in err and not (tmp_path / "x.nrrd").exists()

@@ -50,14 +50,15 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
     output = check_output_path(args.output)
     memberships_path = check_output_path(args.memberships, "memberships") if args.memberships else None
-    spect = read_image(args.spect)
-    ct = read_image(args.ct) if args.ct else None
     device = resolve_device(args.device)
     if args.random_weights:
         print("warning: untrained network (--random-weights): the result is meaningless", file=sys.stderr)
         model = random_model(device)
     else:
         model = load_model(args.model, device)
+    model = _with_chosen_core(model, args)  # before reading the images: a wrong core fails at once
+    spect = read_image(args.spect)
+    ct = read_image(args.ct) if args.ct else None
     with progress_bar("segment") as progress:
         result = segment(spect, ct, model, device=args.device, patch=args.patch, progress=progress,
                          keep_lesions_outside_bone=args.keep_lesions_outside_bone,
@@ -89,10 +90,15 @@ def _load_for_session(args: argparse.Namespace):
     from .inference import resolve_device
     from .modelfile import load_model
 
+    model = _with_chosen_core(load_model(args.model, resolve_device(args.device)), args)
     spect = read_image(args.spect)
     ct = read_image(args.ct) if args.ct else None
-    device = resolve_device(args.device)
-    return spect, ct, load_model(args.model, device)
+    return spect, ct, model
+
+
+def _with_chosen_core(model, args: argparse.Namespace):
+    """``model`` with the lesion core of ``--lesion-core`` if given, else as calibrated."""
+    return model if args.lesion_core is None else model.with_lesion_core(args.lesion_core)
 
 
 def _finish_session(args: argparse.Namespace, session, result, output: Path, save_path: Optional[Path]) -> int:
@@ -222,7 +228,11 @@ def cmd_average(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_ct_rule_arguments(parser: argparse.ArgumentParser) -> None:
+def _add_labelling_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--lesion-core", type=float, metavar="FRACTION",
+                        help="of each lesion found keep the voxels with at least this fraction of its peak lesion "
+                             "membership, as a threshold at a fraction of a lesion's maximum uptake does (0: off; "
+                             "default: the model's calibrated core, 0.6 for the shipped model)")
     parser.add_argument("--keep-lesions-outside-bone", action="store_true",
                         help="keep predicted lesions that the CT shows are not in bone (by default they are left out)")
     parser.add_argument("--no-cortex-completion", action="store_true",
@@ -244,7 +254,7 @@ def _add_session_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--memberships", help="also write the soft memberships")
     parser.add_argument("--mode", choices=("head", "full"), default="head",
                         help="fine-tune the head on cached features (fast, default) or the whole network")
-    _add_ct_rule_arguments(parser)
+    _add_labelling_arguments(parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -259,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--device", default="auto", help="auto | cpu | cuda | mps (default auto)")
     seg.add_argument("--memberships", help="also write the soft memberships (one component per class)")
     seg.add_argument("--patch", type=int, default=96, help="sliding-window patch size in voxels")
-    _add_ct_rule_arguments(seg)
+    _add_labelling_arguments(seg)
     seg.add_argument("--random-weights", action="store_true",
                      help="use an untrained network (smoke tests only; output meaningless)")
     seg.set_defaults(handler=cmd_segment)

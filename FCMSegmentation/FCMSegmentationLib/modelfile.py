@@ -19,7 +19,7 @@ from typing import Any, Dict, Optional, Tuple, Union
 import torch
 
 from . import __version__
-from .errors import ModelError
+from .errors import InputError, ModelError
 from .imageio import atomic_path
 from .networks import UNet, build_network
 from .preprocessing import CHANNELS, CLASS_NAMES, CT_CLIP, CT_WINDOW, DEFAULT_SPACING_MM, SPECT_CLIP, SPECT_PERCENTILE
@@ -60,6 +60,17 @@ class LoadedModel:
         weighted argmax draws them) for a model calibrated before it existed or not at all."""
         decision = self.card.get("decision") or {}
         return float((decision.get(LESION_CORE_KEY) or {}).get(decision_key(with_ct), 0.0))
+
+    def with_lesion_core(self, fraction: float) -> "LoadedModel":
+        """The same network with the user's lesion core in place of the calibrated one, for both inputs
+        (0: lesions as the weighted argmax draws them). The card records it, so that a fine-tuned model
+        saved from it labels as it did. Raises InputError unless 0 <= fraction < 1."""
+        if not 0.0 <= fraction < 1.0:
+            raise InputError(f"the lesion core is a fraction of each lesion's peak membership in [0, 1), got "
+                             f"{fraction}; 0 turns it off")
+        decision = dict(self.card.get("decision") or {})
+        decision[LESION_CORE_KEY] = {decision_key(with_ct): float(fraction) for with_ct in (True, False)}
+        return LoadedModel(self.network, dict(self.card, decision=decision))
 
 
 def decision_key(with_ct: bool) -> str:

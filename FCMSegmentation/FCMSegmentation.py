@@ -273,6 +273,14 @@ class FCMSegmentationLogic(ScriptedLoadableModuleLogic):
         return self._session is not None
 
     @property
+    def lesionCore(self) -> Optional[float]:
+        """The fraction of each lesion's peak membership that the current result keeps as lesion (the model's
+        calibrated lesion core unless changed with :meth:`startSetLesionCore`); None before Segment."""
+        if self._session is None:
+            return None
+        return self._session.model.lesion_core(self._session.case.has_ct)
+
+    @property
     def referenceNode(self):
         """The volume whose grid the current result is on (CT if given, else SPECT)."""
         return self._referenceNode
@@ -555,6 +563,16 @@ class FCMSegmentationLogic(ScriptedLoadableModuleLogic):
         session = self._session
         return self._submit(_("Undoing"), lambda progress, cancel: session.undo(), self._applyResult)
 
+    def startSetLesionCore(self, fraction: float) -> FCMTask:
+        """Start drawing the lesions again with another lesion core (0 to 0.95: of each lesion, the voxels
+        with at least that fraction of its peak membership; 0 keeps them as wide as the decision draws them),
+        from the current memberships without running the network."""
+        self._checkIdle()
+        self._requireSession()
+        session = self._session
+        return self._submit(_("Redrawing the lesions"),
+                            lambda progress, cancel: session.set_lesion_core(float(fraction)), self._applyResult)
+
     def startResetModel(self) -> FCMTask:
         """Start discarding all refinements (back to the loaded model) and re-segmenting."""
         self._checkIdle()
@@ -597,6 +615,10 @@ class FCMSegmentationLogic(ScriptedLoadableModuleLogic):
     def undo(self, progress=None) -> str:
         """Undo the last refinement/adaptation and wait."""
         return self.wait(self.startUndo(), progress)
+
+    def setLesionCore(self, fraction: float, progress=None) -> str:
+        """Draw the lesions again with another lesion core and wait. See :meth:`startSetLesionCore`."""
+        return self.wait(self.startSetLesionCore(fraction), progress)
 
     def resetModel(self, progress=None) -> str:
         """Go back to the loaded model and wait."""
@@ -682,6 +704,7 @@ class FCMSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.refineButton.connect("clicked(bool)", self.onRefine)
         self.ui.undoButton.connect("clicked(bool)", self.onUndo)
         self.ui.resetModelButton.connect("clicked(bool)", self.onResetModel)
+        self.ui.lesionCoreSpinBox.connect("valueChanged(double)", self.onLesionCore)
         self.ui.saveModelButton.connect("clicked(bool)", self.onSaveModel)
         self.ui.adaptButton.connect("clicked(bool)", self.onAdapt)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
@@ -773,6 +796,7 @@ class FCMSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.resetModelButton.enabled = session and not busy
         self.ui.saveModelButton.enabled = session and not busy
         self.ui.adaptButton.enabled = session and not busy
+        self.ui.lesionCoreSpinBox.enabled = session and not busy
         self.ui.createScribblesButton.enabled = bool(p and p.spectVolume) and not busy
         self.ui.cancelButton.enabled = busy
         self._updateScribbleEditor()
@@ -836,6 +860,7 @@ class FCMSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._track(task, self._afterSegment)
 
     def _afterSegment(self, summary: str) -> None:
+        self._showLesionCore()
         p = self._parameterNode
         if p is not None and not p.scribbleSegmentation:
             p.scribbleSegmentation = self.logic.createScribbleSegmentation()
@@ -860,6 +885,21 @@ class FCMSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onUndo(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Undo failed."), waitCursor=True):
             self._track(self.logic.startUndo())
+
+    def _showLesionCore(self) -> None:
+        """Show the lesion core the new result was drawn with, without drawing it again."""
+        core = self.logic.lesionCore
+        if core is not None:
+            wasBlocked = self.ui.lesionCoreSpinBox.blockSignals(True)
+            self.ui.lesionCoreSpinBox.value = core
+            self.ui.lesionCoreSpinBox.blockSignals(wasBlocked)
+
+    def onLesionCore(self, value: float) -> None:
+        core = self.logic.lesionCore
+        if core is None or self.logic.busy or abs(value - core) < 1e-6:
+            return
+        with slicer.util.tryWithErrorDisplay(_("Could not redraw the lesions."), waitCursor=True):
+            self._track(self.logic.startSetLesionCore(value))
 
     def onResetModel(self) -> None:
         if not slicer.util.confirmOkCancelDisplay(
@@ -974,7 +1014,8 @@ def syntheticTestSpect(size: int = 36, spacing: float = 4.0, seed: int = 0):
 
 
 class FCMSegmentationTest(ScriptedLoadableModuleTest):
-    """CPU-sized end-to-end tests: segment, paint strokes, refine 5 steps, undo; and a SPECT/CT pair moved
+    """CPU-sized end-to-end tests: segment, paint strokes, refine 5 steps, undo, redraw the lesions with
+    another lesion core; and a SPECT/CT pair moved
     apart by patient motion, aligned again through Slicer's volume nodes."""
 
     def setUp(self):
@@ -1049,6 +1090,15 @@ class FCMSegmentationTest(ScriptedLoadableModuleTest):
         np.testing.assert_array_equal(sitk.GetArrayFromImage(logic.lastResult.labels), before)
         np.testing.assert_array_equal(self._segmentArray(outputNode, "Bone", spectNode), boneBefore)
         np.testing.assert_array_equal(self._segmentArray(outputNode, "Lesion", spectNode), lesionBefore)
+
+        self.delayDisplay("Lesions redrawn with the lesion core off, then as calibrated")
+        calibratedCore = logic.lesionCore
+        logic.setLesionCore(0.0)
+        wide = sitk.GetArrayFromImage(logic.lastResult.labels)
+        self.assertGreaterEqual(int((wide == 2).sum()), int((before == 2).sum()))
+        np.testing.assert_array_equal(self._segmentArray(outputNode, "Lesion", spectNode) > 0, wide == 2)
+        logic.setLesionCore(calibratedCore)
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(logic.lastResult.labels), before)
         self.delayDisplay("Test passed")
 
     def test_AlignMisregisteredSpect(self):

@@ -516,3 +516,26 @@ def test_adam_is_unfused_where_the_fused_kernel_fails_at_its_first_step(monkeypa
         assert bool((weight < 1).all())
     finally:
         fused_adam_runs.cache_clear()  # the next caller probes the real Adam again
+
+
+def test_a_new_lesion_core_relabels_without_the_network_and_is_kept(tiny_case, untrained, tmp_path):
+    from FCMSegmentationLib.errors import InputError
+    from FCMSegmentationLib.modelfile import LoadedModel
+
+    spect, ct, _ = tiny_case
+    lesion_up = dict(untrained.card, decision={"spect_ct": [1.0, 1.0, 2.5]})  # an untrained net then calls lesions
+    session = RefinementSession(spect, ct, LoadedModel(untrained.network, lesion_up), "cpu", FAST,
+                                keep_lesions_outside_bone=True)
+    wide = session.segment()
+    before = weights_of(session)
+    narrow = session.set_lesion_core(0.9)
+    assert same_weights(before, weights_of(session)) and not session.history  # no fine-tuning, no round
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(narrow.memberships), sitk.GetArrayFromImage(wide.memberships))
+    lesion = {name: int((sitk.GetArrayFromImage(result.labels) == 2).sum()) for name, result in
+              (("wide", wide), ("narrow", narrow))}
+    assert 0 < lesion["narrow"] < lesion["wide"]
+    session.save(tmp_path / "m.pt")
+    assert load_model(tmp_path / "m.pt").lesion_core(True) == 0.9
+    with pytest.raises(InputError, match="lesion core"):
+        session.set_lesion_core(1.0)
+    assert session.model.lesion_core(True) == 0.9  # a refused fraction changes nothing

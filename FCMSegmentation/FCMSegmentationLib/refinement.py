@@ -222,6 +222,14 @@ class RefinementSession:
                                    complete_cortex_edge=self.complete_cortex_edge,
                                    lesion_core=self.model.lesion_core(self.case.has_ct))
 
+    def set_lesion_core(self, fraction: float) -> SegmentationResult:
+        """The current memberships labelled again with another lesion core (of each lesion, the voxels with at
+        least ``fraction`` of its peak lesion membership; 0: lesions as wide as the decision draws them;
+        :mod:`lesion_core`), without running the network. Later rounds and :meth:`save` keep it. Raises
+        InputError unless 0 <= fraction < 1."""
+        self.model = self.model.with_lesion_core(fraction)
+        return self.segment()
+
     def refine(
         self,
         scribbles: sitk.Image,

@@ -1015,8 +1015,8 @@ def syntheticTestSpect(size: int = 36, spacing: float = 4.0, seed: int = 0):
 
 class FCMSegmentationTest(ScriptedLoadableModuleTest):
     """CPU-sized end-to-end tests: segment, paint strokes, refine 5 steps, undo, redraw the lesions with
-    another lesion core; and a SPECT/CT pair moved
-    apart by patient motion, aligned again through Slicer's volume nodes."""
+    another lesion core; and a SPECT/CT pair moved apart by patient motion, aligned again through Slicer's
+    volume nodes."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()

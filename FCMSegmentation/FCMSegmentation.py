@@ -276,9 +276,7 @@ class FCMSegmentationLogic(ScriptedLoadableModuleLogic):
     def lesionCore(self) -> Optional[float]:
         """The fraction of each lesion's peak membership that the current result keeps as lesion (the model's
         calibrated lesion core unless changed with :meth:`startSetLesionCore`); None before Segment."""
-        if self._session is None:
-            return None
-        return self._session.model.lesion_core(self._session.case.has_ct)
+        return None if self._session is None else self._session.lesion_core
 
     @property
     def referenceNode(self):

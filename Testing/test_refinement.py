@@ -538,4 +538,4 @@ def test_a_new_lesion_core_relabels_without_the_network_and_is_kept(tiny_case, u
     assert load_model(tmp_path / "m.pt").lesion_core(True) == 0.9
     with pytest.raises(InputError, match="lesion core"):
         session.set_lesion_core(1.0)
-    assert session.model.lesion_core(True) == 0.9  # a refused fraction changes nothing
+    assert session.lesion_core == 0.9  # a refused fraction changes nothing

@@ -220,7 +220,13 @@ class RefinementSession:
         return result_from_working(memberships, self.case, self.device_description, notes,
                                    self.model.decision_weights(self.case.has_ct), painted=self._state.painted,
                                    complete_cortex_edge=self.complete_cortex_edge,
-                                   lesion_core=self.model.lesion_core(self.case.has_ct))
+                                   lesion_core=self.lesion_core)
+
+    @property
+    def lesion_core(self) -> float:
+        """The fraction of each lesion's peak membership that the labels keep as lesion, for this image's
+        input (SPECT+CT or SPECT only): the model's calibrated core unless :meth:`set_lesion_core` changed it."""
+        return self.model.lesion_core(self.case.has_ct)
 
     def set_lesion_core(self, fraction: float) -> SegmentationResult:
         """The current memberships labelled again with another lesion core (of each lesion, the voxels with at

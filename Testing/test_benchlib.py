@@ -383,3 +383,77 @@ def test_accuracy_benchmark_with_osem_reconstructs_every_case_and_writes_its_own
     results = json.loads((tmp_path / "results" / "bench_accuracy_osem.json").read_text())
     assert results["osem"] is True and len(results["cases"]) == 1
     assert (tmp_path / "figures" / "accuracy_dice_osem.png").is_file()
+
+
+def rod_with_lesion(contrast: float, noise_sd: float = 1.0, seed: int = 0) -> sitk.Image:
+    """SPECT on the tiny case's truth grid: bone uptake 9 (+ Gaussian noise), its lesion at ``contrast`` x bone."""
+    from conftest import make_tiny_case
+
+    truth = make_tiny_case()[2]
+    labels = sitk.GetArrayFromImage(truth)
+    uptake = np.where(labels >= 1, 9.0, 1.0) * np.where(labels == 2, contrast, 1.0)
+    uptake += np.random.default_rng(seed).normal(0.0, noise_sd, uptake.shape)
+    image = sitk.GetImageFromArray(uptake.astype(np.float32))
+    image.CopyInformation(truth)
+    return image
+
+
+def test_lesion_visibility_grows_with_contrast_and_is_negative_for_a_cold_lesion(tiny_case):
+    from benchlib.lesions import lesion_visibility
+
+    truth = tiny_case[2]
+    lesion = {"centre_mm": truth.TransformIndexToPhysicalPoint((24, 22, 16))}
+    outside = {"centre_mm": truth.TransformIndexToPhysicalPoint((24, 22, 2))}  # bone, but in no lesion
+    (hot,), (faint,), (equal,), (cold,) = (lesion_visibility([lesion], truth, rod_with_lesion(c))
+                                           for c in (3.0, 1.2, 1.0, 0.3))
+    assert hot > faint > 1.0  # 1.8 noise sd above the bone, averaged over the lesion
+    assert abs(equal) < 0.5 and cold < -1.0
+    noisier = lesion_visibility([lesion], truth, rod_with_lesion(1.2, noise_sd=4.0))[0]
+    assert noisier < faint  # the same lesion, harder to see in more noise
+    assert np.isnan(lesion_visibility([outside], truth, rod_with_lesion(3.0))[0])
+
+
+def test_spect_where_the_truth_is_undoes_the_recorded_misregistration(tiny_case, truth_array):
+    from benchlib.misregistration_bound import spect_where_the_truth_is
+
+    truth = tiny_case[2]
+    shift = misregistration((2 * truth.GetSpacing()[0], 0.0, 0.0))
+    as_spect_shows_it = sitk.Cast(truth_where_spect_shows_it(truth, shift), sitk.sitkFloat32)
+    back = sitk.GetArrayFromImage(spect_where_the_truth_is(as_spect_shows_it, truth, shift))
+    np.testing.assert_array_equal(back[..., 2:-2], truth_array[..., 2:-2].astype(np.float32))
+    assert not np.array_equal(sitk.GetArrayFromImage(as_spect_shows_it)[..., 2:-2], back[..., 2:-2])
+
+
+def test_visibility_ceilings_keep_exactly_the_lesions_shown():
+    import lesion_visibility as script
+
+    components = np.zeros((1, 1, 40), np.int32)
+    components[0, 0, :10], components[0, 0, 10:40] = 1, 2
+    truth_lesion = components > 0
+    assert script.ceiling_dice(components, [1, 2], [True, False], truth_lesion) == pytest.approx(2 * 10 / 50)
+    assert script.ceiling_dice(components, [1, 2, 0], [True, True, True], truth_lesion) == 1.0
+    assert np.isnan(script.ceiling_dice(components, [], [], np.zeros_like(truth_lesion)))
+    hot, lytic, cold = ({"cold": False, "ct_change": "none"}, {"cold": False, "ct_change": "lytic"},
+                        {"cold": True, "ct_change": "none"})
+    assert script.shows(hot, 0.4) == {"spect": False, "spect_or_ct": False}
+    assert script.shows(lytic, 0.4) == {"spect": False, "spect_or_ct": True}
+    assert script.shows(hot, float("nan"))["spect"]  # unmeasurable: counted as shown, so the ceiling stays one
+    assert script.shows(cold, -1.5)["spect"] and not script.shows(cold, 1.5)["spect"]
+    assert [script.appearance(lesion) for lesion in (hot, lytic, cold)] == list(script.KINDS)
+
+
+def test_lesion_visibility_report_counts_every_recorded_lesion_once(tmp_path):
+    import json
+
+    import lesion_visibility as script
+
+    report = tmp_path / "benchmarks.md"
+    assert script.main(["--procedural", "1", "--ct-derived", "0", "--report", str(report)]) == 0
+    text = report.read_text()
+    assert "<!-- BEGIN lesion_visibility -->" in text
+    case = json.loads((tmp_path / "results" / "lesion_visibility.json").read_text())["cases"][0]
+    assert case["lesions"] and all({"appearance", "visibility", "found"} <= set(lesion) for lesion in case["lesions"])
+    total_row = next(line for line in text.splitlines() if line.startswith("| all |"))
+    assert total_row.rstrip(" |").endswith(f"{sum(lesion['found'] for lesion in case['lesions'])} / "
+                                           f"{len(case['lesions'])}")
+    assert case["ceiling_spect"] <= case["ceiling_spect_or_ct"] <= 1.0

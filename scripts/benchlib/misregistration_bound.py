@@ -13,3 +13,10 @@ def truth_where_spect_shows_it(truth: sitk.Image, params: Mapping[str, Any]) -> 
     method: it says how much the misregistration alone costs a lesion found by its uptake)."""
     return sitk.Resample(truth, truth, misregistration_transform(params), sitk.sitkNearestNeighbor, 0,
                          truth.GetPixelID())
+
+
+def spect_where_the_truth_is(spect: sitk.Image, truth: sitk.Image, params: Mapping[str, Any]) -> sitk.Image:
+    """The SPECT linearly resampled onto the truth's grid with the phantom's misregistration undone: each
+    voxel's uptake where the truth's anatomy is (the inverse of :func:`truth_where_spect_shows_it`)."""
+    return sitk.Resample(spect, truth, misregistration_transform(params).GetInverse(), sitk.sitkLinear, 0.0,
+                         sitk.sitkFloat32)

@@ -603,3 +603,14 @@ def test_atomic_writes_get_normal_permissions_and_keep_a_replaced_files_mode(tmp
         assert stat.S_IMODE(kept.stat().st_mode) == 0o640 and kept.read_text() == "new"
     finally:
         os.umask(umask)
+
+
+def test_top_level_help_says_what_the_tool_does_and_its_exit_statuses(capsys):
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["--help"])
+    assert exited.value.code == 0
+    text = capsys.readouterr().out
+    assert "Segment bone and bone lesions in SPECT/CT" in text
+    assert "``" not in text  # plain text, not the module docstring's markup
+    flat = " ".join(text.split())
+    assert "0 on success; 2 on a problem you can fix" in flat and "130 when interrupted" in flat

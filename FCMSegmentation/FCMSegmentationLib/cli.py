@@ -258,7 +258,13 @@ def _add_session_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fcmseg", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="fcmseg",
+        description="Segment bone and bone lesions in SPECT/CT with a network trained by a fuzzy C-means loss; "
+                    "refine or adapt it on your image; make phantoms, train, calibrate and average models.",
+        epilog="Exit status: 0 on success; 2 on a problem you can fix, printed as one line 'error: ...' "
+               "(no partial output file is left); 130 when interrupted. "
+               "'fcmseg COMMAND --help' gives each command's options.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     seg = commands.add_parser("segment", help="segment bone and lesions in a SPECT (and optional CT)")

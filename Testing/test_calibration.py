@@ -202,3 +202,40 @@ def test_the_command_line_calibrates_and_reports(tmp_path, monkeypatch, capsys):
     printed = capsys.readouterr().out
     assert "lesion core 0.6: bone Dice 0.880 -> 0.900, lesion Dice 0.250 -> 0.300 on 3 phantoms" in printed
     assert load_model(out).decision_weights(with_ct=False) == (1.25, 1.0, 0.5)
+
+
+def test_calibration_on_reconstructed_spect_scores_os_em_images_and_records_it(calibrated_on_one_phantom,
+                                                                                monkeypatch):
+    import FCMSegmentationLib.calibration as calibration
+
+    model, grid, on_image_noise = calibrated_on_one_phantom
+    reconstructions, make_phantoms = [], calibration.plan_phantoms
+
+    def spying(plan, ct=None, bone_labels=None, ranges=None):
+        for kind, seed, phantom in make_phantoms(plan, ct, bone_labels, ranges):
+            reconstructions.append(phantom.params["spect_reconstruction"])
+            yield kind, seed, phantom
+
+    monkeypatch.setattr(calibration, "plan_phantoms", spying)
+    decision = calibrate(model, procedural=1, grid=grid, inputs=("spect_ct",), osem_spect=1.0)
+    assert len(reconstructions) == 1 and reconstructions[0] is not None  # the same seed, reconstructed by OS-EM
+    assert decision["calibration"]["osem_spect"] == 1.0 and on_image_noise["calibration"]["osem_spect"] == 0.0
+    with pytest.raises(InputError, match="probability"):
+        calibrate(model, procedural=1, grid=grid, osem_spect=1.5)
+
+
+def test_the_command_line_passes_the_os_em_share_to_calibration(tmp_path, monkeypatch):
+    import FCMSegmentationLib.calibration as calibration
+    from FCMSegmentationLib.cli import main
+
+    summary = {"weights": [1.0, 1.0, 1.0], "lesion_core": 0.0, "bone_dice": 0.9, "lesion_dice": 0.3,
+               "reference_bone_dice": 0.9, "reference_lesion_dice": 0.3, "cases": 1}
+    seen = {}
+
+    def fake_calibrate(*args, osem_spect=0.0, **kwargs):
+        seen["osem_spect"] = osem_spect
+        return {"calibration": {"spect_ct": summary, "spect_only": summary}}
+
+    monkeypatch.setattr(calibration, "calibrate", fake_calibrate)
+    assert main(["calibrate", "--out", str(tmp_path / "c.pt"), "--phantoms", "1", "--osem-spect", "0.5"]) == 0
+    assert seen == {"osem_spect": 0.5}

@@ -14,6 +14,7 @@ filter still picks its candidates by the plain argmax on the working grid; the l
 completion (:mod:`cortex`) follow the weighted decision, and calibration scores the labels with them, as
 segmentation gives them.
 """
+from dataclasses import replace
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -96,6 +97,7 @@ def calibrate(
     device: str = "cpu",
     grid: Optional[Sequence[Decision]] = None,
     inputs: Iterable[str] = INPUTS,
+    osem_spect: float = 0.0,
     progress: Optional[ProgressCallback] = None,
 ) -> Dict[str, Any]:
     """The card's ``decision`` entry for ``model``: weights per input (``spect_ct``, ``spect_only``) and a
@@ -103,9 +105,15 @@ def calibrate(
     phantoms, and a ``calibration`` record of how.
 
     The phantoms are segmented once per input with the model's lesion filter on; every grid point is then
-    scored on the same memberships. ct, bone_labels: the real CT for CT-derived phantoms.
+    scored on the same memberships. ct, bone_labels: the real CT for CT-derived phantoms. osem_spect: the
+    probability that a phantom's SPECT is reconstructed by OS-EM from noisy projections instead of having
+    image-space noise (``phantoms/reconstruction.py``), so that the decision suits reconstructed images.
     """
+    from .phantoms import TRAINING_RANGES
     from .segmentation import segment
+
+    if not 0.0 <= osem_spect <= 1.0:
+        raise InputError(f"OS-EM SPECT is a probability in [0, 1], got {osem_spect}")
 
     grid = list(grid or decision_grid())
     inputs = list(inputs)
@@ -116,7 +124,8 @@ def calibrate(
     if not plan:
         raise InputError("calibration needs at least one phantom")
     scores: Dict[str, List[np.ndarray]] = {used: [] for used in inputs}
-    for number, (kind, seed, phantom) in enumerate(plan_phantoms(plan, ct, bone_labels), start=1):
+    ranges = replace(TRAINING_RANGES, osem_probability=osem_spect)
+    for number, (kind, seed, phantom) in enumerate(plan_phantoms(plan, ct, bone_labels, ranges), start=1):
         for used in inputs:
             with_ct = used == "spect_ct"
             result = segment(phantom.spect, phantom.ct if with_ct else None, model, device=device)
@@ -125,7 +134,8 @@ def calibrate(
         report(progress, number / len(plan), f"calibration phantom {number}/{len(plan)} ({kind}, seed {seed})")
     decision: Dict[str, Any] = {}
     record: Dict[str, Any] = {"procedural": procedural, "ct_derived": ct_derived, "seed_base": CALIBRATION_SEED_BASE,
-                              "objective": OBJECTIVE, "grid": [[list(w), core] for w, core in grid]}
+                              "osem_spect": osem_spect, "objective": OBJECTIVE,
+                              "grid": [[list(w), core] for w, core in grid]}
     decision[LESION_CORE_KEY] = {}
     for used in inputs:
         (weights, core), record[used] = choose_decision(np.stack(scores[used]), grid)
@@ -143,6 +153,7 @@ def write_calibrated_model(
     ct_path: Optional[str] = None,
     bone_labels_path: Optional[str] = None,
     device: str = "cpu",
+    osem_spect: float = 0.0,
     progress: Optional[ProgressCallback] = None,
 ) -> Dict[str, Any]:
     """``fcmseg calibrate``: calibrate the model at ``model_path`` (default: the shipped one) and write a
@@ -161,5 +172,6 @@ def write_calibrated_model(
     report(progress, 0.0, "reading CT and labels" if ct_path else "calibrating")
     ct = read_image(ct_path) if ct_path else None
     labels = read_image(bone_labels_path) if bone_labels_path else None
-    decision = calibrate(model, procedural, ct_derived, ct, labels, device=str(torch_device), progress=progress)
+    decision = calibrate(model, procedural, ct_derived, ct, labels, device=str(torch_device), osem_spect=osem_spect,
+                         progress=progress)
     return save_model(out, model.network, dict(model.card, decision=decision))

@@ -204,7 +204,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     with progress_bar("calibrate") as progress:
         card = write_calibrated_model(args.model, args.out, args.phantoms, args.ct_phantoms, args.from_ct,
-                                      args.bone_labels, args.device, progress)
+                                      args.bone_labels, args.device, args.osem_spect, progress)
     for used in ("spect_ct", "spect_only"):
         chosen = card["decision"]["calibration"][used]
         print(f"{used}: weights (background, bone, lesion) {chosen['weights']}, lesion core "
@@ -360,6 +360,10 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--ct-phantoms", type=int, default=0, help="CT-derived calibration phantoms")
     cal.add_argument("--from-ct", help="real CT for CT-derived phantoms")
     cal.add_argument("--bone-labels", help="its bone label map")
+    cal.add_argument("--osem-spect", type=float, default=0.0,
+                     help="probability that a calibration phantom's SPECT is reconstructed by OS-EM from noisy "
+                          "projections instead of having image-space noise, to suit the decision to reconstructed "
+                          "images (default 0)")
     cal.add_argument("--device", default="auto", help="auto | cpu | cuda | mps (default auto)")
     cal.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     cal.set_defaults(handler=cmd_calibrate)

@@ -302,3 +302,14 @@ def test_validation_adds_ct_derived_phantoms_when_the_run_has_a_real_ct(shared_d
     assert summary["seeds"] == [VALIDATION_SEED_BASE, VALIDATION_SEED_BASE + CT_DERIVED_SEED_OFFSET]
     assert set(summary["by_kind"]) == {"procedural", "ct"}
     assert {"spect_ct_bone_dice", "spect_only_lesion_dice"} <= set(summary["by_kind"]["ct"])
+
+
+@pytest.mark.parametrize("field, name", [("spect_truncation", "spect truncation"), ("thick_ct", "thick CT"),
+                                         ("osem_spect", "OS-EM SPECT")])
+def test_training_probabilities_outside_zero_to_one_are_refused_by_name(field, name):
+    from FCMSegmentationLib.errors import InputError
+
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(InputError, match=f"{name} is a probability in \\[0, 1\\], got {bad}"):
+            TrainConfig(out="m.pt", **{field: bad})
+    assert getattr(TrainConfig(out="m.pt", **{field: 1.0}), field) == 1.0

@@ -20,7 +20,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import InputError
+from .errors import InputError, require_probability
 from .metrics import evaluate_images
 from .modelfile import LESION_CORE_KEY, LoadedModel, decision_key
 from .preprocessing import array_to_image, dense_bone_mask, geometry_of
@@ -112,8 +112,7 @@ def calibrate(
     from .phantoms import TRAINING_RANGES
     from .segmentation import segment
 
-    if not 0.0 <= osem_spect <= 1.0:
-        raise InputError(f"OS-EM SPECT is a probability in [0, 1], got {osem_spect}")
+    require_probability(osem_spect, "OS-EM SPECT")
 
     grid = list(grid or decision_grid())
     inputs = list(inputs)

@@ -24,3 +24,9 @@ class OutputError(FCMError):
 
 class Cancelled(FCMError):
     """The user cancelled a long-running operation; state is as before the call."""
+
+
+def require_probability(value: float, what: str) -> None:
+    """Raise :class:`InputError` naming ``what`` unless ``value`` lies in [0, 1] (NaN does not)."""
+    if not 0.0 <= value <= 1.0:
+        raise InputError(f"{what} is a probability in [0, 1], got {value}")

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from scipy import ndimage
 
-from .errors import InputError
+from .errors import InputError, require_probability
 from .lesion_core import CONNECTIVITY
 from .losses import fcm_label_loss, rfcm_loss
 from .modelfile import LoadedModel, load_model, new_card, save_model
@@ -89,14 +89,11 @@ class TrainConfig:
             raise InputError("crop must be a multiple of 8")
         if not self.spacing_mm > 0:
             raise InputError(f"spacing must be a positive number of mm, got {self.spacing_mm}")
-        if not 0.0 <= self.spect_truncation <= 1.0:
-            raise InputError(f"spect truncation is a probability in [0, 1], got {self.spect_truncation}")
+        require_probability(self.spect_truncation, "spect truncation")
         if not 0.0 <= self.spect_gain_sd <= 1.0:
             raise InputError(f"spect gain SD is the SD of a log gain, in [0, 1], got {self.spect_gain_sd}")
-        if not 0.0 <= self.thick_ct <= 1.0:
-            raise InputError(f"thick CT is a probability in [0, 1], got {self.thick_ct}")
-        if not 0.0 <= self.osem_spect <= 1.0:
-            raise InputError(f"OS-EM SPECT is a probability in [0, 1], got {self.osem_spect}")
+        require_probability(self.thick_ct, "thick CT")
+        require_probability(self.osem_spect, "OS-EM SPECT")
 
     @property
     def beyond_spect(self) -> bool:

@@ -457,3 +457,27 @@ def test_lesion_visibility_report_counts_every_recorded_lesion_once(tmp_path):
     assert total_row.rstrip(" |").endswith(f"{sum(lesion['found'] for lesion in case['lesions'])} / "
                                            f"{len(case['lesions'])}")
     assert case["ceiling_spect"] <= case["ceiling_spect_or_ct"] <= 1.0
+
+
+def test_speed_case_is_a_cube_of_3mm_voxels_the_spect_covers_with_bone_in_its_truth():
+    from benchlib.speed_case import speed_case
+
+    spect, ct, truth = speed_case(10_000_300, 32, 3.0)
+    for image in (spect, ct, truth):
+        assert image.GetSize() == (32, 32, 32) and image.GetSpacing() == (3.0, 3.0, 3.0)
+    assert (sitk.GetArrayFromImage(spect) > 0).mean() > 0.5
+    assert (sitk.GetArrayFromImage(truth) == 1).any()
+
+
+def test_inference_benchmark_prints_one_row_with_every_timing(tmp_path):
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_inference.py"
+    run = subprocess.run([sys.executable, str(script), "--size", "32", "--repeats", "1", "--threads", "1"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    header, _, row = run.stdout.strip().splitlines()[-3:]
+    assert "Refine round" in header
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    assert cells[0] == "CPU, 1 threads" and cells[1] == "1,402,435"
+    assert all(float(cell.removesuffix(" s")) > 0 for cell in cells[2:]) and len(cells) == 6

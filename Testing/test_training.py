@@ -204,6 +204,46 @@ def test_build_cases_mixes_procedural_and_ct_derived_phantoms(shared_data, tmp_p
     assert all((case.labels == 1).any() for case in cases)  # bone in both, procedural and real anatomy
 
 
+def test_build_cases_in_worker_processes_makes_the_same_phantoms_in_the_same_order(shared_data, tmp_path):
+    from FCMSegmentationLib.training import build_cases, read_real_ct
+
+    real = dict(ct_path=str(shared_data / "realct_dicom" / "ct_dicom"),
+                bone_labels_path=str(shared_data / "realct_dicom" / "totalsegmentator_labels.nii.gz"))
+    alone, pooled = (TrainConfig(out=str(tmp_path / "m.pt"), phantoms=2, ct_phantoms=1, workers=workers, **real)
+                     for workers in (1, 2))
+    messages = []
+    expected = build_cases(phantom_plan(alone), alone, read_real_ct(alone))
+    made = build_cases(phantom_plan(pooled), pooled, read_real_ct(pooled),
+                       progress=lambda fraction, message: messages.append(message))
+    assert len(made) == len(expected) == 3
+    for mine, theirs in zip(made, expected):
+        np.testing.assert_allclose(mine.features, theirs.features, atol=1e-5)
+        np.testing.assert_array_equal(mine.labels, theirs.labels)
+    assert made[0].labels.shape != made[1].labels.shape or not np.array_equal(made[0].labels, made[1].labels)
+    assert messages[-1].startswith("phantom 3/3 (ct, seed")
+
+
+def test_train_config_refuses_fewer_than_one_worker():
+    from FCMSegmentationLib.errors import InputError
+
+    with pytest.raises(InputError, match="workers"):
+        TrainConfig(out="m.pt", workers=0)
+
+
+def test_prefetched_yields_every_item_in_order_and_raises_what_the_maker_raised():
+    from FCMSegmentationLib.training import prefetched
+
+    counter = iter(range(100))
+    assert list(prefetched(lambda: next(counter), 7, depth=2)) == list(range(7))
+    assert next(counter) == 7  # made no more than asked for
+
+    def failing() -> int:
+        raise ValueError("no crop")
+
+    with pytest.raises(ValueError, match="no crop"):
+        list(prefetched(failing, 3))
+
+
 def readme_pipeline(text: str):
     """The ``fcmseg`` commands of the README's default-model section, in order, as (command, arguments)."""
     import shlex

@@ -176,7 +176,7 @@ def train_config_from_args(args: argparse.Namespace):
         bone_labels_path=args.bone_labels, validation_phantoms=args.validation, seed=args.seed,
         steps=args.steps, batch=args.batch, crop=args.crop, learning_rate=args.lr, alpha=args.alpha,
         beta=args.beta, unsupervised=args.unsupervised, class_balance=args.class_balance,
-        device=args.device, threads=args.threads, checkpoint_every=args.checkpoint_every,
+        device=args.device, threads=args.threads, workers=args.workers, checkpoint_every=args.checkpoint_every,
         channels=tuple(args.channels), init=args.init,
         spect_truncation=args.spect_truncation, spect_gain_sd=args.spect_gain_sd, align=args.align,
         thick_ct=args.thick_ct, osem_spect=args.osem_spect, per_lesion_crops=args.per_lesion_crops,
@@ -330,6 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--unsupervised", action="store_true", help="RFCM loss only (no labels)")
     tr.add_argument("--device", default="auto")
     tr.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    tr.add_argument("--workers", type=int, default=1,
+                    help="processes that make the phantoms before training (the phantoms are the same; default 1)")
     tr.add_argument("--init", help="start from this model file's weights (continued training; same --channels)")
     tr.add_argument("--checkpoint-every", type=int, default=250)
     tr.add_argument("--spect-truncation", type=float, default=0.0,

@@ -18,10 +18,14 @@ Distributed: run under ``torchrun --nproc_per_node=N`` (gloo on CPU, NCCL on GPU
 own shard of phantoms and DistributedDataParallel averages gradients; rank 0 writes the checkpoint.
 """
 import json
+import multiprocessing
 import os
+import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
+from queue import Queue
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, TypeVar
 
 import numpy as np
 import SimpleITK as sitk
@@ -78,6 +82,7 @@ class TrainConfig:
     checkpoint_every: int = 250
     device: str = "auto"
     threads: int = 0
+    workers: int = 1  # processes that generate and prepare the phantoms (the phantoms do not depend on it)
     init: Optional[str] = None  # start from this model file's weights (same architecture) instead of random
 
     def __post_init__(self) -> None:
@@ -85,6 +90,8 @@ class TrainConfig:
             raise InputError("steps, batch and the number of phantoms must be at least 1")
         if self.ct_phantoms and not (self.ct_path and self.bone_labels_path):
             raise InputError("CT-derived phantoms need --from-ct and --bone-labels")
+        if self.workers < 1:
+            raise InputError(f"workers must be at least 1, got {self.workers}")
         if self.crop % 8:
             raise InputError("crop must be a multiple of 8")
         if not self.spacing_mm > 0:
@@ -185,15 +192,48 @@ def build_cases(plan: Sequence[Tuple[str, int]], config: TrainConfig, real_ct: R
                 progress: Optional[ProgressCallback] = None) -> List[TrainingCase]:
     """Generate and prepare the phantoms of ``plan`` (CT-derived ones on ``real_ct``), an ``osem_spect``
     fraction of them with their SPECT reconstructed by OS-EM, a ``thick_ct`` fraction with their CT re-sliced
-    thicker (the truth stays on the original CT's grid)."""
-    ranges = replace(TRAINING_RANGES, osem_probability=config.osem_spect)
+    thicker (the truth stays on the original CT's grid).
+
+    With ``config.workers`` > 1 they are made by that many processes (each reads the real CT itself), in
+    the same order and with the same content: a phantom depends on its seed alone.
+    """
+    if config.workers == 1 or len(plan) < 2:
+        made = (_prepare_phantom(entry, config, real_ct) for entry in plan)
+        return _collect(made, plan, progress)
+    context = multiprocessing.get_context("spawn")  # no forked copies of torch's thread pools
+    with ProcessPoolExecutor(min(config.workers, len(plan)), mp_context=context,
+                             initializer=_start_phantom_worker, initargs=(config,)) as pool:
+        return _collect(pool.map(_prepare_phantom_in_worker, plan), plan, progress)
+
+
+def _collect(made: Iterable[TrainingCase], plan: Sequence[Tuple[str, int]],
+             progress: Optional[ProgressCallback]) -> List[TrainingCase]:
     cases = []
-    for number, (kind, seed, phantom) in enumerate(plan_phantoms(plan, *real_ct, ranges=ranges), start=1):
-        ct = random_thick_slice_ct(phantom.ct, seed, config.thick_ct)
-        cases.append(prepare_training_case(phantom.spect, ct, phantom.truth, config.spacing_mm,
-                                           config.beyond_spect, config.align))
+    for number, ((kind, seed), case) in enumerate(zip(plan, made), start=1):
+        cases.append(case)
         report(progress, number / len(plan), f"phantom {number}/{len(plan)} ({kind}, seed {seed})")
     return cases
+
+
+def _prepare_phantom(entry: Tuple[str, int], config: TrainConfig, real_ct: RealCT) -> TrainingCase:
+    ranges = replace(TRAINING_RANGES, osem_probability=config.osem_spect)
+    ((_, seed, phantom),) = plan_phantoms([entry], *real_ct, ranges=ranges)
+    ct = random_thick_slice_ct(phantom.ct, seed, config.thick_ct)
+    return prepare_training_case(phantom.spect, ct, phantom.truth, config.spacing_mm, config.beyond_spect,
+                                 config.align)
+
+
+_WORKER_STATE: Dict[str, Any] = {}
+
+
+def _start_phantom_worker(config: TrainConfig) -> None:
+    torch.set_num_threads(1)  # the processes share the cores
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+    _WORKER_STATE.update(config=config, real_ct=read_real_ct(config))
+
+
+def _prepare_phantom_in_worker(entry: Tuple[str, int]) -> TrainingCase:
+    return _prepare_phantom(entry, _WORKER_STATE["config"], _WORKER_STATE["real_ct"])
 
 
 def lesion_voxel(case: TrainingCase, rng: np.random.Generator, per_lesion: bool) -> np.ndarray:
@@ -265,6 +305,30 @@ def make_batch(cases: Sequence[TrainingCase], config: TrainConfig, rng: np.rando
              for _ in range(config.batch)]
     features, valid, labels = (torch.from_numpy(np.stack(parts)).to(device) for parts in zip(*crops))
     return features, valid[:, None], labels
+
+
+Item = TypeVar("Item")
+
+
+def prefetched(make: Callable[[], Item], count: int, depth: int = 2) -> Iterator[Item]:
+    """The results of ``count`` calls of ``make``, in order, made by a background thread up to ``depth``
+    ahead, so that the CPU cuts the next batch while the GPU trains on this one. A failure in ``make`` is
+    raised here."""
+    made: "Queue[Tuple[Optional[Item], Optional[BaseException]]]" = Queue(maxsize=depth)
+
+    def produce() -> None:
+        try:
+            for _ in range(count):
+                made.put((make(), None))
+        except BaseException as error:  # handed to the consumer, which raises it
+            made.put((None, error))
+
+    threading.Thread(target=produce, daemon=True).start()
+    for _ in range(count):
+        item, error = made.get()
+        if error is not None:
+            raise error
+        yield item  # type: ignore[misc]
 
 
 # ----- loss -----------------------------------------------------------------------------------------
@@ -352,6 +416,7 @@ def train(config: TrainConfig, progress: Optional[ProgressCallback] = None,
     context = init_distributed(config.device)
     if config.threads:
         torch.set_num_threads(config.threads)
+    torch.backends.cudnn.benchmark = context.device.type == "cuda"  # one crop size: pick the fastest kernels once
     torch.manual_seed(config.seed)  # identical initial weights on every rank
     network = UNet(channels=config.channels, norm=config.norm)
     init_sha256 = _load_initial_weights(network, config.init) if config.init else None
@@ -374,9 +439,9 @@ def train(config: TrainConfig, progress: Optional[ProgressCallback] = None,
     use_amp = context.device.type == "cuda"
     losses: List[float] = []
     card: Dict[str, Any] = {}
-    for step in range(1, config.steps + 1):
+    batches = prefetched(lambda: make_batch(cases, config, rng, context.device), config.steps)
+    for step, (features, valid, labels) in enumerate(batches, start=1):
         trainee.train()
-        features, valid, labels = make_batch(cases, config, rng, context.device)
         with torch.autocast(context.device.type, dtype=torch.bfloat16, enabled=use_amp):
             memberships = trainee(features)
         loss = training_loss(memberships.float(), features, valid, labels, config)

@@ -14,6 +14,9 @@ bone from the CT alone where a SPECT ends before its CT. Seeds: training phantom
 ``seed .. seed+n-1``; validation phantoms (procedural and, when a real CT is given, CT-derived) use
 :mod:`validation`'s seeds; benchmarks use seeds from :data:`BENCHMARK_SEED_BASE` — never used in training.
 
+Speed: ``workers`` processes make the phantoms; a background thread cuts each next batch while the device
+trains on the current one (:func:`prefetched`).
+
 Distributed: run under ``torchrun --nproc_per_node=N`` (gloo on CPU, NCCL on GPUs); each rank builds its
 own shard of phantoms and DistributedDataParallel averages gradients; rank 0 writes the checkpoint.
 """
@@ -23,8 +26,8 @@ import os
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
-from queue import Queue
 from dataclasses import asdict, dataclass, field, replace
+from queue import Queue
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, TypeVar
 
 import numpy as np

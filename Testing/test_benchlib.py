@@ -469,7 +469,7 @@ def test_speed_case_is_a_cube_of_3mm_voxels_the_spect_covers_with_bone_in_its_tr
     assert (sitk.GetArrayFromImage(truth) == 1).any()
 
 
-def test_inference_benchmark_prints_one_row_with_every_timing(tmp_path):
+def test_inference_benchmark_prints_one_row_with_every_timing():
     import subprocess
 
     script = Path(__file__).resolve().parents[1] / "scripts" / "bench_inference.py"

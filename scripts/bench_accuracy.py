@@ -42,12 +42,11 @@ from benchlib.common import (  # noqa: E402
 from benchlib.grid_bound import truth_through_working_grid  # noqa: E402
 from benchlib.misregistration_bound import truth_where_spect_shows_it  # noqa: E402
 from benchlib.lesions import lesions_found, sensitivity_by_group  # noqa: E402
-from benchlib.simulated_user import seed_strokes  # noqa: E402
+from benchlib.simulated_user import SEEDS_PER_CLASS, seed_strokes  # noqa: E402
 from FCMSegmentationLib.phantoms import TRAINING_RANGES  # noqa: E402
 
 SECTION = "bench_accuracy"
 CT_SEED_OFFSET = ACCURACY_SEED_OFFSETS[1]
-SEEDS_PER_CLASS = 3
 TARGETS = {"bone": 0.90, "lesion": 0.70}
 MARGIN = 0.15
 

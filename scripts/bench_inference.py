@@ -15,18 +15,17 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import SimpleITK as sitk
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib.common import load_benchmark_model  # noqa: E402
-from benchlib.simulated_user import codes_image, seed_strokes  # noqa: E402
+from benchlib.simulated_user import SEEDS_PER_CLASS, codes_image, seed_strokes  # noqa: E402
 from benchlib.speed_case import SPEED_SEED_OFFSET, speed_case  # noqa: E402
 from FCMSegmentationLib.inference import sliding_window  # noqa: E402
 from FCMSegmentationLib.networks import UNet, count_parameters  # noqa: E402
 from FCMSegmentationLib.refinement import RefinementSession  # noqa: E402
 from FCMSegmentationLib.training import BENCHMARK_SEED_BASE  # noqa: E402
-
-SEEDS_PER_CLASS = 3  # as the refinement benchmark's first round
 
 
 def median_seconds(function: Callable[[], object], repeats: int, device: torch.device) -> float:
@@ -49,12 +48,6 @@ def device_label(device: torch.device) -> str:
     return f"CPU, {torch.get_num_threads()} threads"
 
 
-def sitk_array(image) -> np.ndarray:
-    import SimpleITK as sitk
-
-    return sitk.GetArrayFromImage(image)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
@@ -75,7 +68,7 @@ def main() -> int:
 
     model, _ = load_benchmark_model(None)
     spect, ct, truth = speed_case(BENCHMARK_SEED_BASE + SPEED_SEED_OFFSET, args.size, 3.0)
-    strokes, _ = seed_strokes(sitk_array(truth), truth.GetSpacing(), SEEDS_PER_CLASS,
+    strokes, _ = seed_strokes(sitk.GetArrayFromImage(truth), truth.GetSpacing(), SEEDS_PER_CLASS,
                               np.random.default_rng(0))
     scribbles = codes_image(strokes, truth)
     segment = median_seconds(lambda: RefinementSession(spect, ct, model, device=args.device).segment(),

@@ -41,12 +41,11 @@ from benchlib.common import (  # noqa: E402
     load_benchmark_model, machine_line, markdown_table, mean_sd, read_real_ct, relative_to_docs, save_figure,
     write_json, write_section,
 )
-from benchlib.simulated_user import codes_image, paint_strokes, seed_strokes  # noqa: E402
+from benchlib.simulated_user import SEEDS_PER_CLASS, codes_image, paint_strokes, seed_strokes  # noqa: E402
 from benchlib.speed_case import SPEED_SEED_OFFSET, speed_case  # noqa: E402
 
 SECTION = "bench_refine"
 SHIFTED_SEED_OFFSET, SHIFTED_CT_SEED_OFFSET = SHIFTED_SEED_OFFSETS
-SEEDS_PER_CLASS = 3
 CORRECTS, CONFIRMS = "corrects", "confirms"  # the simulated users: strokes on errors only, or one confirming
 GAIN_TARGET = 0.10
 REGRESSION_LIMIT = 0.01

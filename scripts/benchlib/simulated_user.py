@@ -31,6 +31,7 @@ import numpy as np
 from scipy import ndimage
 
 PLANES = ("axial", "coronal", "sagittal")  # the array axis held fixed: z, y, x
+SEEDS_PER_CLASS = 3  # seed strokes per class that a user paints on an unlabelled image (seed_strokes)
 
 
 @dataclass

@@ -11,6 +11,7 @@ from FCMSegmentationLib.validation import (
     VALIDATION_SEED_BASE,
     CaseScore,
     compare,
+    is_orientation_code,
     paired_difference,
     score_models,
     summarise,
@@ -115,3 +116,11 @@ def test_score_models_refuses_ct_derived_cases_without_the_real_ct_and_unknown_i
         score_models({"m": random_model}, validation_plan(0, 1))
     with pytest.raises(InputError, match="inputs"):
         score_models({"m": random_model}, validation_plan(1), inputs=("ct_only",))
+    with pytest.raises(InputError, match="orientation"):
+        score_models({"m": random_model}, validation_plan(1), stored_as="RAR")
+
+
+@pytest.mark.parametrize("code, valid", [("RAS", True), ("LPS", True), ("PIR", True), ("SLA", True), ("RAR", False),
+                                         ("RA", False), ("LPSI", False), ("ras", False), ("XYZ", False)])
+def test_is_orientation_code_takes_one_letter_per_patient_axis(code, valid):
+    assert is_orientation_code(code) is valid

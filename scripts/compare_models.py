@@ -18,6 +18,7 @@ results/<section>.json beside it.
     python scripts/compare_models.py A.pt B.pt --spect-gains 0.5 0.7 1.4 2  # also with the SPECT normalisation moved
     python scripts/compare_models.py A.pt B.pt --ct-slices 5  # also with the CT re-sliced at 5 mm
     python scripts/compare_models.py A.pt B.pt --osem-spect  # also with every SPECT reconstructed by OS-EM
+    python scripts/compare_models.py A.pt --stored-as RAS LPI  # also with the images' axes stored otherwise
 
 With an ablation flag every model is scored as shipped and the reference is the first model with that step
 left out. With ``--spect-gains`` every model is scored again with its normalised SPECT multiplied by each
@@ -26,7 +27,11 @@ uptake, as on another scanner or simulator), and a further table gives Dice per 
 every model is scored again with each phantom's CT re-sliced thicker (``phantoms.slicing``), as low-dose
 SPECT/CT CTs often come, and a further table gives Dice per thickness. With ``--osem-spect`` every model is
 scored again on the same phantoms with their SPECT made from noisy projections by OS-EM
-(``phantoms.reconstruction``) instead of image-space noise.
+(``phantoms.reconstruction``) instead of image-space noise. With ``--stored-as`` every model is scored again
+with each phantom's SPECT and CT stored in each of these orientations instead of LPS (the same voxels at the
+same physical points, index axes permuted and flipped by ``SimpleITK.DICOMOrient``, as a NIfTI file often
+stores them). Scores on OS-EM SPECT and in other orientations enter the main tables, paired with the reference
+as simulated.
 """
 import argparse
 import sys
@@ -164,6 +169,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--osem-spect", action="store_true",
                         help="also score every model with the phantoms' SPECT reconstructed by OS-EM from noisy "
                              "projections")
+    parser.add_argument("--stored-as", nargs="+", default=[], metavar="CODE",
+                        help="also score every model with each phantom's SPECT and CT stored in each of these DICOM "
+                             "orientations (e.g. RAS LPI; the phantoms are stored LPS)")
     parser.add_argument("--without-misregistration", action="store_true",
                         help="simulate the phantoms with the SPECT exactly on the CT (no SPECT/CT misregistration)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
@@ -174,11 +182,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     ablation = [flag for flag in ABLATIONS if getattr(args, flag)]
     if len(ablation) > 1:
         parser.error("give one ablation at a time")
-    settings = bool(args.spect_gains or args.ct_slices or args.osem_spect)
+    settings = bool(args.spect_gains or args.ct_slices or args.osem_spect or args.stored_as)
     if len(args.models) < 2 and not (ablation or settings):
         parser.error("give at least two models to compare (or one with an ablation or a setting to score it in)")
     if ablation and settings:
-        parser.error("give an ablation or --spect-gains / --ct-slices / --osem-spect, not both")
+        parser.error("give an ablation or --spect-gains / --ct-slices / --osem-spect / --stored-as, not both")
     if any(not gain > 0 for gain in args.spect_gains):
         parser.error("SPECT gains must be positive")
 
@@ -187,13 +195,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     from FCMSegmentationLib.cli import progress_bar
     from FCMSegmentationLib.modelfile import load_model
     from FCMSegmentationLib.phantoms import TRAINING_RANGES
-    from FCMSegmentationLib.validation import score_models, validation_plan
+    from FCMSegmentationLib.validation import is_orientation_code, score_models, validation_plan
 
     thickest = TRAINING_RANGES.ct_slice_mm[1]  # re-slicing cannot make a phantom's slices thinner
     if any(not thickness >= thickest for thickness in args.ct_slices):
         parser.error(f"CT slice thicknesses must be at least {thickest:g} mm (the phantoms' own slices are up to "
                      f"{thickest:g} mm)")
 
+    unknown = [code for code in args.stored_as if not is_orientation_code(code)]
+    if unknown:
+        parser.error(f"unknown orientations {unknown}: give one letter of each of R/L, A/P and S/I, e.g. RAS")
     if args.threads:
         torch.set_num_threads(args.threads)
     real_ct, real_labels = read_real_ct() if args.ct_derived else (None, None)
@@ -221,10 +232,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.osem_spect:
         with progress_bar("validation phantoms, OS-EM SPECT") as progress:
             osem_scores = score(models, progress=progress, ranges=replace(ranges, osem_probability=1.0))
-    # each model on OS-EM SPECT also enters the main tables, paired with the reference on image-space noise
-    table_names = names + [f"{name}, OS-EM SPECT" for name in osem_scores]
-    results = _results({**scores, **{f"{name}, OS-EM SPECT": value for name, value in osem_scores.items()}},
-                       names[0])
+    settings_scores = {f"{name}, OS-EM SPECT": value for name, value in osem_scores.items()}
+    for code in dict.fromkeys(args.stored_as):
+        with progress_bar(f"validation phantoms, stored {code}") as progress:
+            oriented = score(models, progress=progress, stored_as=code)
+        settings_scores.update({f"{name}, stored {code}": value for name, value in oriented.items()})
+    # each model on OS-EM SPECT or stored otherwise also enters the main tables, paired with the reference as
+    # simulated (image-space noise, stored LPS)
+    table_names = names + list(settings_scores)
+    results = _results({**scores, **settings_scores}, names[0])
     summaries, differences = results["summaries"], results["differences"]
     header = [f"Command: `{command_line()}`", "", f"Machine: {machine_line()}", "",
               f"Phantoms: {args.procedural} procedural and {args.ct_derived} CT-derived validation phantoms "

@@ -21,6 +21,7 @@ if TYPE_CHECKING:  # phantoms is imported only when phantoms are made
 
 VALIDATION_SEED_BASE = 5_000_000
 CT_DERIVED_SEED_OFFSET = 100
+ORIENTATION_AXES = {"R": 0, "L": 0, "A": 1, "P": 1, "S": 2, "I": 2}  # letter -> patient axis
 INPUTS = ("spect_ct", "spect_only")
 CLASSES = ("bone", "lesion")
 
@@ -73,6 +74,12 @@ def plan_phantoms(
                            if kind == "ct" else generate_phantom(seed, kind="procedural", ranges=ranges))
 
 
+def is_orientation_code(code: str) -> bool:
+    """True for a DICOM orientation code such as ``"RAS"``: one letter of each of R/L, A/P and S/I."""
+    return len(code) == 3 and sorted(ORIENTATION_AXES[letter] for letter in code
+                                     if letter in ORIENTATION_AXES) == [0, 1, 2]
+
+
 def score_models(
     models: Mapping[str, LoadedModel],
     plan: Sequence[Tuple[str, int]],
@@ -86,6 +93,7 @@ def score_models(
     complete_cortex_edge: bool = True,
     align: bool = True,
     ct_slice_mm: Optional[float] = None,
+    stored_as: Optional[str] = None,
 ) -> Dict[str, List[CaseScore]]:
     """Per-case Dice of every model in ``models`` on the phantoms of ``plan``, each phantom made once.
 
@@ -94,6 +102,9 @@ def score_models(
     complete_cortex_edge, align: as in :func:`segmentation.segment` (to measure what the lesion filter, the
     cortex completion and the SPECT/CT alignment do). ct_slice_mm: give the models each phantom's CT
     re-sliced at this thickness (:func:`phantoms.slicing.thick_slice_ct`); the truth stays as it is.
+    stored_as: give the models each phantom's SPECT and CT with their index axes stored in this DICOM
+    orientation (e.g. ``"RAS"``, as NIfTI files often are): the same voxels at the same physical points,
+    axes permuted and flipped (:func:`SimpleITK.DICOMOrient`); the truth stays as it is.
     """
     from .metrics import evaluate_images
     from .phantoms.slicing import thick_slice_ct
@@ -102,12 +113,18 @@ def score_models(
     unknown = set(inputs) - set(INPUTS)
     if unknown:
         raise InputError(f"unknown validation inputs {sorted(unknown)}; use {list(INPUTS)}")
+    if stored_as is not None and not is_orientation_code(stored_as):
+        raise InputError(f"unknown orientation {stored_as!r}: give one letter of each of R/L, A/P and S/I, "
+                         "e.g. 'RAS' or 'LPS'")
     scores: Dict[str, List[CaseScore]] = {name: [] for name in models}
     for number, (kind, seed, phantom) in enumerate(plan_phantoms(plan, ct, bone_labels, ranges), start=1):
+        spect_image = phantom.spect if stored_as is None else sitk.DICOMOrient(phantom.spect, stored_as)
         ct_image = phantom.ct if ct_slice_mm is None else thick_slice_ct(phantom.ct, ct_slice_mm)
+        if stored_as is not None:
+            ct_image = sitk.DICOMOrient(ct_image, stored_as)
         for name, model in models.items():
             for used in inputs:
-                result = segment(phantom.spect, ct_image if used == "spect_ct" else None, model, device=device,
+                result = segment(spect_image, ct_image if used == "spect_ct" else None, model, device=device,
                                  keep_lesions_outside_bone=keep_lesions_outside_bone,
                                  complete_cortex_edge=complete_cortex_edge, align=align)
                 dice = evaluate_images(result.labels, phantom.truth)

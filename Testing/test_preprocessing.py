@@ -4,9 +4,11 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import make_tiny_case
+from FCMSegmentationLib.modelfile import load_model
 from FCMSegmentationLib.preprocessing import (
     CT_CLIP,
     memberships_to_output,
+    nearest_lps_axes,
     normalise_ct,
     normalise_spect,
     prepare_case,
@@ -29,11 +31,11 @@ def test_ct_window():
     np.testing.assert_allclose(normalise_ct(hu), [0.0, 0.5, 1.0, CT_CLIP])
 
 
-def test_working_grid_is_isotropic_on_ct_direction(tiny_case):
+def test_working_grid_is_isotropic_on_the_cts_lps_direction(tiny_case):
     spect, ct, _ = tiny_case
     case = prepare_case(spect, ct, spacing_mm=3.0)
     assert case.grid.GetSpacing() == pytest.approx((3.0, 3.0, 3.0))
-    assert case.grid.GetDirection() == pytest.approx(ct.GetDirection())
+    assert case.grid.GetDirection() == pytest.approx(ct.GetDirection())  # the tiny CT is stored LPS
     assert case.features.shape[0] == 3
     assert case.features.shape[1:] == case.valid.shape == sitk.GetArrayViewFromImage(case.grid).shape
     assert case.has_ct and np.all(case.features[2] == 1.0)
@@ -57,6 +59,51 @@ def test_working_features_follow_physical_space_not_index_for_rotated_ct():
     working = case.grid.TransformPhysicalPointToIndex(point)[::-1]
     assert ct_values[tuple(bone_index)] > 300
     assert case.features[1][working] > normalise_ct(np.array([300.0]))[0]
+
+
+@pytest.mark.parametrize("stored_as", ["RAS", "LPI", "SAR"])
+def test_working_features_do_not_depend_on_how_the_images_axes_are_stored(tiny_case, stored_as):
+    # The same voxels at the same physical points, with index axes permuted and flipped (as a NIfTI file
+    # may store them): the network must see the anatomy as the LPS phantoms it was trained on showed it.
+    spect, ct, _ = tiny_case
+    plain = prepare_case(spect, ct)
+    stored = prepare_case(sitk.DICOMOrient(spect, stored_as), sitk.DICOMOrient(ct, stored_as))
+    assert sitk.DICOMOrient(ct, stored_as).GetDirection() != pytest.approx(ct.GetDirection())
+    for geometry in ("GetSize", "GetSpacing", "GetOrigin", "GetDirection"):
+        assert getattr(stored.grid, geometry)() == pytest.approx(getattr(plain.grid, geometry)())
+    np.testing.assert_allclose(stored.features, plain.features, atol=1e-5)
+    np.testing.assert_array_equal(stored.valid, plain.valid)
+
+
+@pytest.mark.parametrize("degrees", [0.0, 20.0, 90.0, 160.0])
+def test_nearest_lps_axes_reorders_the_axes_to_point_as_lps_does(degrees):
+    turn = np.radians(degrees)
+    rotation = np.array([[np.cos(turn), -np.sin(turn), 0.0], [np.sin(turn), np.cos(turn), 0.0], [0.0, 0.0, 1.0]])
+    for stored in (rotation, rotation @ np.diag([-1.0, -1.0, 1.0]), rotation[:, [2, 0, 1]]):
+        axes = nearest_lps_axes(stored.flatten())
+        reordering = stored.T @ axes  # a signed permutation: the same axes, reordered and flipped
+        np.testing.assert_allclose(np.abs(reordering).sum(axis=0), 1.0, atol=1e-9)
+        np.testing.assert_allclose(np.abs(reordering), np.round(np.abs(reordering)), atol=1e-9)
+        assert np.all(np.diag(axes) > 0.5)  # each axis within 45 degrees of L, P and S in turn
+
+
+def test_working_grid_of_a_rotated_ct_takes_the_nearest_lps_axes():
+    spect, ct, _ = make_tiny_case(ct_direction=ROTATED)
+    assert prepare_case(spect, ct).grid.GetDirection() == pytest.approx((1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0))
+
+
+def test_segment_labels_do_not_depend_on_how_the_images_axes_are_stored(tiny_case):
+    # Without the SPECT/CT alignment, whose registration samples each image's own voxels (its estimate
+    # moves by about 0.1 degree with the storage, and a few labels with it).
+    spect, ct, _ = tiny_case
+    model = load_model(None)
+    plain = segment(spect, ct, model, device="cpu", align=False)
+    stored_ct = sitk.DICOMOrient(ct, "RAS")
+    stored = segment(sitk.DICOMOrient(spect, "RAS"), stored_ct, model, device="cpu", align=False)
+    assert stored.labels.GetDirection() == stored_ct.GetDirection()  # output on the CT's grid as stored
+    back = sitk.GetArrayFromImage(sitk.DICOMOrient(stored.labels, "LPS"))
+    assert np.unique(back).tolist() == [0, 1, 2]
+    np.testing.assert_array_equal(back, sitk.GetArrayFromImage(plain.labels))
 
 
 @pytest.mark.parametrize("with_ct", [True, False])

@@ -2,10 +2,12 @@
 
 Conventions (all arrays in SimpleITK's (z, y, x) index order):
 
-* Working grid: the direction of the *reference* image (the CT when given, else the SPECT), isotropic
-  voxels of ``spacing_mm`` (the model card's value, 3 mm by default), covering the part of the reference
-  that the SPECT's field of view overlaps. Resampling is by physical coordinates, so images with other
-  spacing, origin, extent or direction are handled.
+* Working grid: the direction of the *reference* image (the CT when given, else the SPECT) with its axes
+  permuted and flipped to the nearest of patient LPS, the orientation the model was trained in (a NIfTI file
+  stored RAS would otherwise show the network its anatomy mirrored); isotropic voxels of ``spacing_mm`` (the
+  model card's value, 3 mm by default), covering the part of the reference that the SPECT's field of view
+  overlaps. Resampling is by physical coordinates, so images with other spacing, origin, extent or
+  direction are handled.
 * Network input channels: ``[spect, ct, ct_present]``.
   - SPECT: counts divided by the 99.5th percentile of the positive voxels in the overlap, clipped to
     [0, 5]. Bone then sits near 0.2-1 and hot lesions above it; the RFCM beta is tuned to this scale.
@@ -17,6 +19,7 @@ Conventions (all arrays in SimpleITK's (z, y, x) index order):
   weights, with the dense edge of bone completed from the CT (:mod:`cortex`); voxels outside the overlap
   are background.
 """
+import itertools
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -35,6 +38,7 @@ SPECT_PERCENTILE = 99.5
 SPECT_CLIP = 5.0
 CT_WINDOW = (-1000.0, 2000.0)  # (offset, width): (HU - offset) / width
 CT_CLIP = 2.0
+TRAINED_ORIENTATION = "LPS"  # the phantoms' axes: x to the patient's left, y posterior, z superior
 DENSE_BONE_HU = 500.0  # cortex; soft tissue and contrast-enhanced blood stay below (see :mod:`cortex`)
 
 
@@ -144,21 +148,32 @@ def overlap_region(reference: sitk.Image, other: sitk.Image) -> Tuple[np.ndarray
 
 
 def working_grid(reference: sitk.Image, lo: np.ndarray, hi: np.ndarray, spacing_mm: float) -> sitk.Image:
-    """An empty image on the reference's direction with isotropic ``spacing_mm`` covering [lo, hi]."""
-    ref_spacing = np.array(reference.GetSpacing())
-    extent_mm = (hi - lo) * ref_spacing
+    """An empty image with isotropic ``spacing_mm`` covering the box of the reference's continuous indices
+    [lo, hi], on the reference's axes permuted and flipped to the nearest of LPS: the same grid however the
+    reference stores its axes."""
+    direction = nearest_lps_axes(reference.GetDirection())
+    corners = np.array([reference.TransformContinuousIndexToPhysicalPoint(corner)
+                        for corner in itertools.product(*zip(lo.tolist(), hi.tolist()))])
+    along_axes = corners @ direction  # the box's corners in the grid's axes (columns of ``direction``)
+    low = along_axes.min(axis=0)
+    extent_mm = along_axes.max(axis=0) - low
     spacing = np.full(3, float(spacing_mm))
     # A one-slice input keeps one slice (planar scans) instead of being stretched over the spacing.
     spacing = np.where(extent_mm < spacing, np.maximum(extent_mm, 1e-3), spacing)
     size = np.maximum(1, np.ceil(extent_mm / spacing - 1e-6)).astype(int)
-    direction = np.array(reference.GetDirection()).reshape(3, 3)
-    start_physical = np.array(reference.TransformContinuousIndexToPhysicalPoint(lo.tolist()))
-    origin = start_physical + direction @ (spacing / 2.0)
     grid = sitk.Image([int(s) for s in size], sitk.sitkUInt8)
     grid.SetSpacing(spacing.tolist())
-    grid.SetOrigin(origin.tolist())
-    grid.SetDirection(reference.GetDirection())
+    grid.SetOrigin((direction @ (low + spacing / 2.0)).tolist())
+    grid.SetDirection(direction.flatten().tolist())
     return grid
+
+
+def nearest_lps_axes(direction: Sequence[float]) -> np.ndarray:
+    """(3, 3) direction cosines (columns: axes): ``direction``'s axes permuted and flipped to the nearest of
+    :data:`TRAINED_ORIENTATION`, as :func:`SimpleITK.DICOMOrient` reorders an image."""
+    probe = sitk.Image([1, 1, 1], sitk.sitkUInt8)
+    probe.SetDirection(tuple(direction))
+    return np.array(sitk.DICOMOrient(probe, TRAINED_ORIENTATION).GetDirection()).reshape(3, 3)
 
 
 def resample_to(image: sitk.Image, grid: sitk.Image, linear: bool = True, default: float = 0.0) -> np.ndarray:

@@ -199,6 +199,14 @@ def test_negative_spect_values_are_clipped_with_a_note(tiny_case):
     np.testing.assert_array_equal(case.features, prepare_case(spect, ct).features)
 
 
+def test_a_ct_with_no_air_gets_a_note_that_it_may_not_be_in_hounsfield_units(tiny_case):
+    spect, ct, _ = tiny_case
+    assert not any("Hounsfield" in note for note in prepare_case(spect, ct).notes)  # air at -1000
+    offset = sitk.Cast(ct, sitk.sitkFloat32) + 1024.0  # stored with 0 for -1024, the offset not undone
+    notes = prepare_case(spect, offset).notes
+    assert any("may not be in Hounsfield units" in note for note in notes)
+
+
 def test_spect_and_ct_that_do_not_overlap(case_files, tiny_case, tmp_path):
     spect, ct, _ = tiny_case
     far = sitk.Image(spect)

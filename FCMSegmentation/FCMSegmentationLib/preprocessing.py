@@ -39,6 +39,7 @@ SPECT_CLIP = 5.0
 CT_WINDOW = (-1000.0, 2000.0)  # (offset, width): (HU - offset) / width
 CT_CLIP = 2.0
 TRAINED_ORIENTATION = "LPS"  # the phantoms' axes: x to the patient's left, y posterior, z superior
+NO_AIR_HU = -500.0  # a CT with nothing darker has no air or lung: probably not in HU
 DENSE_BONE_HU = 500.0  # cortex; soft tissue and contrast-enhanced blood stay below (see :mod:`cortex`)
 
 
@@ -217,6 +218,9 @@ def prepare_case(
         notes.append("SPECT has negative values (reconstruction artefact): clipped to 0")
         spect = sitk.Clamp(spect, sitk.sitkFloat32, lowerBound=0.0)
     reference = as_volume(ct, "CT", notes) if ct is not None else spect
+    if ct is not None and float(np.min(sitk.GetArrayViewFromImage(reference))) > NO_AIR_HU:
+        notes.append(f"CT has no voxel below {NO_AIR_HU:.0f}: air should be near -1000, so it may not be in Hounsfield "
+                     "units (a CT stored with an offset, 0 for -1024, must be shifted back before segmenting)")
     alignment = None
     if align and ct is not None:
         spect, alignment = align_spect(spect, reference)

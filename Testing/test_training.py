@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 import torch
 
 from conftest import REPO
@@ -34,6 +35,15 @@ def test_prepared_case_has_labels_on_the_working_grid(tiny_case):
     assert set(np.unique(case.labels)) <= {IGNORE, 0, 1, 2}
     assert (case.labels == 2).sum() == len(case.lesion_voxels) > 0
     assert np.all(case.labels[~case.valid] == IGNORE)
+
+
+def test_prepared_case_keeps_the_axes_as_stored_so_a_reversed_phantom_is_seen_mirrored(tiny_case):
+    # CT-derived phantoms reverse their x axis at random: in training that mirrors the anatomy (an
+    # augmentation), where segmenting reorders the axes to LPS and sees the anatomy one way round.
+    plain = prepare_training_case(*tiny_case)
+    reversed_x = prepare_training_case(*(sitk.DICOMOrient(image, "RPS") for image in tiny_case))
+    np.testing.assert_allclose(reversed_x.features, plain.features[..., ::-1], atol=1e-5)
+    np.testing.assert_array_equal(reversed_x.labels, plain.labels[..., ::-1])
 
 
 def test_prepared_case_numbers_its_lesions_by_26_connected_component(tiny_case):

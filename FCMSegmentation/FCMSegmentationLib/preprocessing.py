@@ -148,11 +148,13 @@ def overlap_region(reference: sitk.Image, other: sitk.Image) -> Tuple[np.ndarray
     return lo, hi
 
 
-def working_grid(reference: sitk.Image, lo: np.ndarray, hi: np.ndarray, spacing_mm: float) -> sitk.Image:
+def working_grid(reference: sitk.Image, lo: np.ndarray, hi: np.ndarray, spacing_mm: float,
+                 stored_axes: bool = False) -> sitk.Image:
     """An empty image with isotropic ``spacing_mm`` covering the box of the reference's continuous indices
     [lo, hi], on the reference's axes permuted and flipped to the nearest of LPS: the same grid however the
-    reference stores its axes."""
-    direction = nearest_lps_axes(reference.GetDirection())
+    reference stores its axes. stored_axes: on the reference's axes as stored instead."""
+    direction = np.array(reference.GetDirection()).reshape(3, 3) if stored_axes else \
+        nearest_lps_axes(reference.GetDirection())
     corners = np.array([reference.TransformContinuousIndexToPhysicalPoint(corner)
                         for corner in itertools.product(*zip(lo.tolist(), hi.tolist()))])
     along_axes = corners @ direction  # the box's corners in the grid's axes (columns of ``direction``)
@@ -203,7 +205,7 @@ def normalise_ct(hu: np.ndarray) -> np.ndarray:
 
 def prepare_case(
     spect: sitk.Image, ct: Optional[sitk.Image] = None, spacing_mm: float = DEFAULT_SPACING_MM,
-    beyond_spect: bool = False, align: bool = False,
+    beyond_spect: bool = False, align: bool = False, stored_axes: bool = False,
 ) -> WorkingCase:
     """Validate, resample and normalise a SPECT (and optional CT) into a :class:`WorkingCase`.
 
@@ -211,6 +213,9 @@ def prepare_case(
     models trained to segment bone where only the CT sees it). align: first undo a rigid SPECT/CT
     misregistration (:mod:`alignment`). Segmenting does; training does when asked (``fcmseg train --align``,
     as the shipped model's last stage did), so that the network learns from images registered as well.
+    stored_axes: keep the reference's axes as stored instead of reordering them to LPS. Training does: a
+    CT-derived phantom reverses its x axis at random, which then mirrors the anatomy the network learns
+    from, as it did when the shipped model was trained.
     """
     notes: List[str] = []
     spect = as_volume(spect, "SPECT", notes)
@@ -235,7 +240,7 @@ def prepare_case(
                      f"SPECT covers only {covered:.0%} of the CT: segmenting the overlap, the rest is background")
     if beyond_spect:
         lo, hi = np.full(3, -0.5), full - 0.5
-    grid = working_grid(reference, lo, hi, spacing_mm)
+    grid = working_grid(reference, lo, hi, spacing_mm, stored_axes)
     inside = sitk.Image(spect.GetSize(), sitk.sitkUInt8) + 1
     inside.CopyInformation(spect)
     valid = resample_to(inside, grid, linear=False).astype(bool)

@@ -7,10 +7,10 @@ so the rare lesion class is not drowned by background. After unsupervised traini
 in class order (background < bone < lesion by mean SPECT) by permuting the head's output rows.
 
 Data: procedural (and, when a real CT with bone labels is given, CT-derived) phantoms from
-:mod:`phantoms`, prepared exactly as at inference (:func:`preprocessing.prepare_case`), cropped at random
-(half the crops centred on lesions), with the CT channel dropped at random so the model works on SPECT
-alone, and, with ``spect_truncation``, the SPECT cut off at a random axial plane so the model segments
-bone from the CT alone where a SPECT ends before its CT. Seeds: training phantoms use
+:mod:`phantoms`, prepared as at inference (:func:`preprocessing.prepare_case`, on the axes as stored),
+cropped at random (half the crops centred on lesions), with the CT channel dropped at random so the model
+works on SPECT alone, and, with ``spect_truncation``, the SPECT cut off at a random axial plane so the
+model segments bone from the CT alone where a SPECT ends before its CT. Seeds: training phantoms use
 ``seed .. seed+n-1``; validation phantoms (procedural and, when a real CT is given, CT-derived) use
 :mod:`validation`'s seeds; benchmarks use seeds from :data:`BENCHMARK_SEED_BASE` — never used in training.
 
@@ -131,8 +131,10 @@ def prepare_training_case(spect: sitk.Image, ct: sitk.Image, truth: sitk.Image,
     labels (learnt from the CT alone) and lesions are ignored (without uptake they cannot be seen).
     align: first undo the SPECT/CT misregistration as segmenting does, so that the network learns from
     images registered as well as those it will segment (the truth stays on the CT, which does not move).
+    The grid keeps the phantom's axes as stored, so that a CT-derived phantom stored x-reversed shows the
+    network its anatomy mirrored (an augmentation; at inference the axes are reordered to LPS).
     """
-    case = prepare_case(spect, ct, spacing_mm, beyond_spect, align=align)
+    case = prepare_case(spect, ct, spacing_mm, beyond_spect, align=align, stored_axes=True)
     labels = resample_to(sitk.Cast(truth, sitk.sitkUInt8), case.grid, linear=False).astype(np.int64)
     labels[~case.segmented | (~case.valid & (labels == LESION))] = IGNORE
     lesion_voxels = np.argwhere(labels == LESION)

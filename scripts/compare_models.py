@@ -28,7 +28,7 @@ every model is scored again with each phantom's CT re-sliced thicker (``phantoms
 SPECT/CT CTs often come, and a further table gives Dice per thickness. With ``--osem-spect`` every model is
 scored again on the same phantoms with their SPECT made from noisy projections by OS-EM
 (``phantoms.reconstruction``) instead of image-space noise. With ``--stored-as`` every model is scored again
-with each phantom's SPECT and CT stored in each of these orientations instead of LPS (the same voxels at the
+with each phantom's SPECT and CT stored in each of these orientations instead of its own (the same voxels at the
 same physical points, index axes permuted and flipped by ``SimpleITK.DICOMOrient``, as a NIfTI file often
 stores them). Scores on OS-EM SPECT and in other orientations enter the main tables, paired with the reference
 as simulated.
@@ -171,7 +171,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                              "projections")
     parser.add_argument("--stored-as", nargs="+", default=[], metavar="CODE",
                         help="also score every model with each phantom's SPECT and CT stored in each of these DICOM "
-                             "orientations (e.g. RAS LPI; the phantoms are stored LPS)")
+                             "orientations (e.g. RAS LPI; procedural phantoms are stored LPS, CT-derived ones LPS or "
+                             "x-reversed)")
     parser.add_argument("--without-misregistration", action="store_true",
                         help="simulate the phantoms with the SPECT exactly on the CT (no SPECT/CT misregistration)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
@@ -238,7 +239,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             oriented = score(models, progress=progress, stored_as=code)
         settings_scores.update({f"{name}, stored {code}": value for name, value in oriented.items()})
     # each model on OS-EM SPECT or stored otherwise also enters the main tables, paired with the reference as
-    # simulated (image-space noise, stored LPS)
+    # simulated (image-space noise, stored as the phantom is)
     table_names = names + list(settings_scores)
     results = _results({**scores, **settings_scores}, names[0])
     summaries, differences = results["summaries"], results["differences"]

@@ -1,4 +1,5 @@
 """Tests of the benchmark helpers under scripts/benchlib (simulated user, classical baselines, report)."""
+import math
 import sys
 from pathlib import Path
 
@@ -485,3 +486,47 @@ def test_inference_benchmark_prints_one_row_with_every_timing():
     cells = [cell.strip() for cell in row.strip("|").split("|")]
     assert cells[0] == "CPU, 1 threads" and cells[1] == "1,402,435"
     assert all(float(cell.removesuffix(" s")) > 0 for cell in cells[2:]) and len(cells) == 6
+
+
+def test_faint_lesion_rule_measures_each_predicted_lesion_and_scores_rules_from_them():
+    import faint_lesion_rule as script
+
+    labels = np.zeros((1, 1, 12), np.uint8)
+    labels[0, 0, 1:3] = 2  # a false lesion of 2 voxels
+    labels[0, 0, 6:10] = 2  # a lesion of 4 voxels, 3 of them on the true lesion
+    membership = np.zeros(labels.shape, np.float32)
+    membership[0, 0, 1:3], membership[0, 0, 6:10] = (0.5, 0.6), (0.7, 0.9, 0.8, 0.6)
+    truth = np.zeros(labels.shape, np.uint8)
+    truth[0, 0, 7:11] = 2
+    false, true = script.measure_components(labels, membership, truth, voxel_ml=0.1)
+    assert false == {"voxels": 2, "volume_ml": pytest.approx(0.2), "peak": pytest.approx(0.6), "overlap": 0,
+                     "true": False}
+    assert true == {"voxels": 4, "volume_ml": pytest.approx(0.4), "peak": pytest.approx(0.9), "overlap": 3,
+                    "true": True}
+    case = {"true_voxels": 4, "predicted": [false, true]}
+    assert script.rule_dice(case, None) == pytest.approx(2 * 3 / (6 + 4))
+    assert script.rule_dice(case, (0.5, 0.7)) == pytest.approx(2 * 3 / (4 + 4))  # the false one goes
+    assert script.rule_dice(case, (0.5, 1.0)) == 0.0  # both go
+    free = {"true_voxels": 0, "predicted": [false]}
+    assert script.rule_dice(free, None) == 0.0 and np.isnan(script.rule_dice(free, (0.5, 0.7)))
+    row = script.rule_row([case, free], (0.5, 0.7))
+    assert row == {"lesion_dice": pytest.approx(0.75), "false_per_case": 0.0, "true_kept": 1, "lesion_free": 1,
+                   "lesion_free_clear": 1}
+    assert None in script.rules() and (math.inf, math.inf) not in script.rules()
+
+
+def test_faint_lesion_rule_report_marks_the_shipped_rule(tmp_path):
+    import json
+
+    import faint_lesion_rule as script
+
+    report = tmp_path / "model_selection.md"
+    assert script.main(["--procedural", "1", "--ct-derived", "0", "--report", str(report)]) == 0
+    text = report.read_text()
+    assert "<!-- BEGIN faint_lesion_rule -->" in text
+    assert "| under 0.5 ml and peak below 0.7 **(shipped)** |" in text
+    cases = json.loads((tmp_path / "results" / "faint_lesion_rule.json").read_text())["cases"]
+    assert [case["spect"] for case in cases] == list(script.SPECTS)
+    none_row = next(line for line in text.splitlines() if line.startswith("| none"))
+    dice = [script.rule_dice(case, None) for case in cases]
+    assert none_row.split(" | ")[1] == f"{dice[0]:.3f}" and none_row.split(" | ")[5] == f"{dice[1]:.3f}"

@@ -101,7 +101,8 @@ def test_segment_trims_lesions_by_the_cards_lesion_core(tiny_case):
     labelled = {}
     for core in (0.0, 0.9):
         card = dict(untrained.card, decision={"spect_ct": weights, "lesion_core": {"spect_ct": core}})
-        result = segment(spect, ct, LoadedModel(untrained.network, card), keep_lesions_outside_bone=True)
+        result = segment(spect, ct, LoadedModel(untrained.network, card), keep_lesions_outside_bone=True,
+                         keep_faint_lesions=True)  # an untrained network's lesions are all faint
         labelled[core] = sitk.GetArrayFromImage(result.labels)
     memberships = np.moveaxis(sitk.GetArrayFromImage(result.memberships), -1, 0)
     trimmed = trim_lesions(labels_from_memberships(memberships, weights), memberships, weights, 0.9)
@@ -159,3 +160,12 @@ def test_cli_lesion_core_narrows_lesions_and_reaches_refinement_sessions(tiny_ca
     code, _, err = run_cli(["segment", "--spect", str(missing), "--output", str(tmp_path / "x.nrrd"),
                             "--model", str(model_path), "--lesion-core", "1.5"])
     assert code == 2 and "lesion core" in err and not (tmp_path / "x.nrrd").exists()
+
+
+def test_a_voxel_out_of_a_lesion_takes_the_better_of_background_and_bone_ties_to_background():
+    from FCMSegmentationLib.lesion_core import background_or_bone
+
+    memberships = np.array([[0.3, 0.2, 0.25], [0.2, 0.3, 0.25], [0.5, 0.5, 0.5]], np.float32).reshape(3, 1, 1, 3)
+    assert background_or_bone(memberships, UNIT).ravel().tolist() == [0, 1, 0]
+    assert background_or_bone(memberships, (0.5, 1.0, 1.0)).ravel().tolist() == [1, 1, 1]
+    assert background_or_bone(memberships, UNIT).dtype == np.uint8

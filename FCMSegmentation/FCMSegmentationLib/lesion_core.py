@@ -46,7 +46,14 @@ def trim_lesions(labels: np.ndarray, memberships: np.ndarray, weights: Sequence[
     peaks = ndimage.maximum(np.where(unpainted, membership, 0.0), components, np.arange(1, count + 1))
     peak_of_voxel = np.concatenate(([0.0], peaks)).astype(np.float32)[components]
     rim = (components > 0) & unpainted & (membership < np.float32(fraction) * peak_of_voxel)
-    bone_wins = (memberships[BONE][box] * np.float32(weights[BONE])  # ties to background, as in the argmax
-                 > memberships[BACKGROUND][box] * np.float32(weights[BACKGROUND]))
-    out[box][rim] = np.where(bone_wins[rim], BONE, BACKGROUND)
+    out[box][rim] = background_or_bone(memberships[(slice(None),) + box], weights)[rim]
     return out
+
+
+def background_or_bone(memberships: np.ndarray, weights: Sequence[float]) -> np.ndarray:
+    """uint8 (Z, Y, X): the better of background and bone by the decision ``weights`` at every voxel of
+    ``memberships`` (K, Z, Y, X), ties to background as in the argmax: what a voxel taken out of a lesion
+    becomes."""
+    bone = memberships[BONE] * np.float32(weights[BONE])
+    bone_wins = bone > memberships[BACKGROUND] * np.float32(weights[BACKGROUND])
+    return np.where(bone_wins, BONE, BACKGROUND).astype(np.uint8)

@@ -1,0 +1,54 @@
+"""Small faint lesions: drop a predicted lesion that is both small and never clearly lesion.
+
+A reconstructed (OS-EM) SPECT's noise comes in blobs of a small lesion's size, and the network calls some
+of them lesions; with image-space noise it calls fewer, but, like them, small. On calibration phantoms the
+predicted lesions that touch no true lesion were mostly small (median 0.15 ml on OS-EM SPECT, 0.21 ml with
+image-space noise, against 1.1 and 1.3 ml for those that touch one) and their lesion membership peaked
+lower (median 0.60 against 0.87). :func:`drop_faint_lesions` therefore drops a predicted lesion (a
+26-connected component of the lesion label) smaller than :data:`MAX_VOLUME_ML` whose lesion membership
+nowhere reaches :data:`MIN_PEAK`: its voxels take the better of background and bone by the decision
+weights. A larger lesion, or a small one the network is sure of, stays; so does one the user painted.
+"""
+from typing import Optional, Sequence
+
+import numpy as np
+from scipy import ndimage
+
+from .lesion_core import CONNECTIVITY, background_or_bone
+from .preprocessing import LESION, box_around
+
+MAX_VOLUME_ML = 0.5
+MIN_PEAK = 0.7
+
+
+def drop_faint_lesions(labels: np.ndarray, memberships: np.ndarray, weights: Sequence[float], voxel_ml: float,
+                       painted: Optional[np.ndarray] = None, max_volume_ml: float = MAX_VOLUME_ML,
+                       min_peak: float = MIN_PEAK) -> np.ndarray:
+    """Labels without the small faint lesions (see the module docstring).
+
+    labels: uint8 (Z, Y, X), 0 background / 1 bone / 2 lesion. memberships: (K, Z, Y, X) on the same grid.
+    weights: the (background, bone, lesion) decision weights that gave ``labels``. voxel_ml: the volume of
+    one voxel of that grid, in ml. painted: optional bool (Z, Y, X), voxels the user painted: a lesion
+    touching them stays. Returns a new array; ``labels`` is not modified.
+    """
+    if labels.shape != memberships.shape[1:]:
+        raise ValueError(f"shapes differ: labels {labels.shape}, memberships {memberships.shape}")
+    if not voxel_ml > 0:
+        raise ValueError(f"the voxel volume must be positive, got {voxel_ml} ml")
+    out = labels.copy()
+    lesion = labels == LESION
+    if not lesion.any():
+        return out
+    box = box_around(lesion)
+    components, count = ndimage.label(lesion[box], CONNECTIVITY)
+    index = np.arange(1, count + 1)
+    volumes = np.bincount(components.ravel(), minlength=count + 1)[1:] * voxel_ml
+    peaks = ndimage.maximum(memberships[LESION][box], components, index)
+    faint = index[(volumes < max_volume_ml) & (peaks < min_peak)]
+    if painted is not None and faint.size:
+        faint = np.setdiff1d(faint, components[painted[box] & (components > 0)])
+    if not faint.size:
+        return out
+    dropped = np.isin(components, faint)
+    out[box][dropped] = background_or_bone(memberships[(slice(None),) + box], weights)[dropped]
+    return out

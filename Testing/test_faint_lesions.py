@@ -94,6 +94,24 @@ def test_segment_drops_faint_lesions_unless_told_to_keep_them(tiny_case):
     assert lesion.sum() < (sitk.GetArrayFromImage(kept.labels) == 2).sum()
 
 
+def test_without_a_ct_segment_keeps_faint_lesions(tiny_case):
+    import SimpleITK as sitk
+
+    from FCMSegmentationLib.modelfile import LoadedModel, random_model
+    from FCMSegmentationLib.segmentation import segment, voxel_volume_ml
+
+    spect, _, _ = tiny_case
+    untrained = random_model("cpu", seed=0, norm="instance")
+    weights = [1.0, 1.0, 1.6]  # an untrained network then calls some small faint lesions on the SPECT's grid
+    model = LoadedModel(untrained.network, dict(untrained.card, decision={"spect_only": weights}))
+    result = segment(spect, None, model)
+    labels = sitk.GetArrayFromImage(result.labels)
+    memberships = np.moveaxis(sitk.GetArrayFromImage(result.memberships), -1, 0)
+    with_ct_they_would_go = drop_faint_lesions(labels, memberships, weights, voxel_volume_ml(result.labels))
+    assert (with_ct_they_would_go == 2).sum() < (labels == 2).sum()
+    assert np.array_equal(labels, sitk.GetArrayFromImage(segment(spect, None, model, keep_faint_lesions=True).labels))
+
+
 def test_the_command_line_can_keep_faint_lesions():
     from FCMSegmentationLib.cli import build_parser
 

@@ -8,6 +8,8 @@ lower (median 0.60 against 0.87). :func:`drop_faint_lesions` therefore drops a p
 26-connected component of the lesion label) smaller than :data:`MAX_VOLUME_ML` whose lesion membership
 nowhere reaches :data:`MIN_PEAK`: its voxels take the better of background and bone by the decision
 weights. A larger lesion, or a small one the network is sure of, stays; so does one the user painted.
+Segmentation applies it with a CT only: without one, on validation phantoms, it changed lesion Dice by
+nothing the phantoms could tell, and it would move the calibrated SPECT-only decision.
 """
 from typing import Optional, Sequence
 

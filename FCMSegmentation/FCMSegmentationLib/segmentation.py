@@ -122,7 +122,7 @@ def result_from_working(memberships: np.ndarray, case: WorkingCase, device: str,
         for code in np.unique(painted[where]):
             on_output[int(code) - 1][painted == code] = 1.0
     # painted background (membership 1) is out of the cortex completion's reach
-    drop_faint = not keep_faint_lesions
+    drop_faint = case.has_ct and not keep_faint_lesions
     labels = decide_labels(on_output, decision_weights, case.dense_bone if complete_cortex_edge else None,
                            lesion_core, where, voxel_volume_ml(case.output_reference) if drop_faint else None)
     labels = array_to_image(labels, case.output_reference)

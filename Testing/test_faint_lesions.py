@@ -77,7 +77,8 @@ def test_segment_drops_faint_lesions_unless_told_to_keep_them(tiny_case):
     import SimpleITK as sitk
 
     from FCMSegmentationLib.modelfile import LoadedModel, random_model
-    from FCMSegmentationLib.segmentation import segment, voxel_volume_ml
+    from FCMSegmentationLib.preprocessing import voxel_volume_ml
+    from FCMSegmentationLib.segmentation import segment
 
     spect, ct, _ = tiny_case
     untrained = random_model("cpu", seed=0, norm="instance")
@@ -98,7 +99,8 @@ def test_without_a_ct_segment_keeps_faint_lesions(tiny_case):
     import SimpleITK as sitk
 
     from FCMSegmentationLib.modelfile import LoadedModel, random_model
-    from FCMSegmentationLib.segmentation import segment, voxel_volume_ml
+    from FCMSegmentationLib.preprocessing import voxel_volume_ml
+    from FCMSegmentationLib.segmentation import segment
 
     spect, _, _ = tiny_case
     untrained = random_model("cpu", seed=0, norm="instance")

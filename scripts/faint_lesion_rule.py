@@ -59,7 +59,8 @@ def measure_case(kind: str, seed: int, spect: str, phantom, model) -> Dict[str, 
     import SimpleITK as sitk
 
     from FCMSegmentationLib.metrics import on_grid_of
-    from FCMSegmentationLib.segmentation import segment, voxel_volume_ml
+    from FCMSegmentationLib.preprocessing import voxel_volume_ml
+    from FCMSegmentationLib.segmentation import segment
 
     result = segment(phantom.spect, phantom.ct, model, device="auto", keep_faint_lesions=True)
     labels = sitk.GetArrayFromImage(on_grid_of(result.labels, phantom.truth))

@@ -23,7 +23,7 @@ import SimpleITK as sitk
 from .errors import InputError, require_probability
 from .metrics import evaluate_images
 from .modelfile import LESION_CORE_KEY, LoadedModel, decision_key
-from .preprocessing import array_to_image, dense_bone_mask, geometry_of
+from .preprocessing import array_to_image, dense_bone_mask, geometry_of, voxel_volume_ml
 from .progress import ProgressCallback, report
 from .validation import INPUTS, plan_phantoms, validation_plan
 
@@ -52,7 +52,7 @@ def decision_dice(memberships: sitk.Image, truth: sitk.Image, grid: Sequence[Dec
     score: on the truth's grid. dense_bone: the case's dense CT on the memberships' grid (as
     :class:`preprocessing.WorkingCase` holds it), and drop_faint_lesions, to label as segmentation does with
     a CT: with the cortex completed and the small faint lesions dropped (:mod:`faint_lesions`)."""
-    from .segmentation import decide_labels, voxel_volume_ml
+    from .segmentation import decide_labels
 
     stacked = np.moveaxis(sitk.GetArrayFromImage(memberships), -1, 0)
     reference = geometry_of(memberships)

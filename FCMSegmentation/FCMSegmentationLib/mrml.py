@@ -29,7 +29,7 @@ from vtk.util import numpy_support
 from .affine import rigid_matrix
 from .errors import InputError
 from .imageio import SEGMENT_COLORS, SEGMENT_NAMES
-from .preprocessing import CLASS_NAMES
+from .preprocessing import CLASS_NAMES, voxel_volume_ml
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 CLASS_TAG = "FCMSegmentation.Class"
@@ -487,7 +487,7 @@ def segment_statistics(labels: sitk.Image) -> Dict[str, Optional[float]]:
 
     Keys: ``bone_ml``, ``lesion_ml``, ``lesion_bone_fraction`` (None when there is no bone).
     """
-    voxel_ml = float(np.prod(labels.GetSpacing())) / 1000.0
+    voxel_ml = voxel_volume_ml(labels)
     counts = np.bincount(sitk.GetArrayViewFromImage(labels).ravel().astype(np.int64), minlength=3)
     bone_ml, lesion_ml = counts[1] * voxel_ml, counts[2] * voxel_ml
     fraction = lesion_ml / bone_ml if bone_ml > 0 else None

@@ -262,6 +262,11 @@ def dense_bone_mask(ct: sitk.Image) -> np.ndarray:
     return sitk.GetArrayViewFromImage(ct) > DENSE_BONE_HU
 
 
+def voxel_volume_ml(image: sitk.Image) -> float:
+    """The volume of one voxel of ``image``, in ml."""
+    return float(np.prod(image.GetSpacing())) / 1000.0
+
+
 def geometry_of(image: sitk.Image) -> sitk.Image:
     """A 1-byte-per-voxel image with exactly ``image``'s geometry (keeps memory low)."""
     ref = sitk.Image(image.GetSize(), sitk.sitkUInt8)

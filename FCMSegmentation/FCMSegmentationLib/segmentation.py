@@ -9,8 +9,8 @@ import torch
 from .alignment import Alignment
 from .cortex import complete_cortex
 from .errors import InputError
-from .inference import DEFAULT_PATCH, describe_device, estimate_run, resolve_device, run_with_fallback, sliding_window
 from .faint_lesions import drop_faint_lesions
+from .inference import DEFAULT_PATCH, describe_device, estimate_run, resolve_device, run_with_fallback, sliding_window
 from .lesion_core import trim_lesions
 from .lesion_filter import drop_lesions_outside_bone
 from .modelfile import LoadedModel, PathLike, load_model
@@ -23,6 +23,7 @@ from .preprocessing import (
     labels_from_memberships,
     memberships_to_output,
     prepare_case,
+    voxel_volume_ml,
 )
 from .progress import CancelToken, ProgressCallback, report, scaled
 
@@ -95,11 +96,6 @@ def decide_labels(memberships: np.ndarray, decision_weights: Optional[Sequence[f
     if voxel_ml is not None:
         labels = drop_faint_lesions(labels, memberships, weights, voxel_ml, painted)
     return labels if dense_bone is None else complete_cortex(labels, memberships, dense_bone)
-
-
-def voxel_volume_ml(image: sitk.Image) -> float:
-    """The volume of one voxel of ``image``, in ml."""
-    return float(np.prod(image.GetSpacing())) / 1000.0
 
 
 def result_from_working(memberships: np.ndarray, case: WorkingCase, device: str, notes: List[str],

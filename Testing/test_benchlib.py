@@ -267,7 +267,7 @@ def test_compare_models_scores_every_model_again_with_the_spect_normalisation_mo
         assert plain["seed"] == moved["seed"]
         assert (plain["bone"], plain["lesion"]) != (moved["bone"], moved["lesion"])  # the model sees other images
     assert results["scores"][f"{shipped}, stored RAS"][0]["seed"] == plain["seed"]
-    for conflicting in (["--spect-gains", "0.5"], ["--ct-slices", "5"], ["--osem-spect"], ["--stored-as", "RAS"]):
+    for conflicting in (["--spect-gains", "0.5"], ["--ct-slices", "5"], ["--stored-as", "RAS"]):
         with pytest.raises(SystemExit):
             compare_models.main([shipped, "--cortex-ablation", *conflicting])
     with pytest.raises(SystemExit):
@@ -308,6 +308,25 @@ def test_compare_models_needs_two_models_or_one_ablation_or_setting(tmp_path):
     assert compare_models.main([model, "--osem-spect", "--procedural", "1", "--ct-derived", "0",
                                 "--report", str(report)]) == 0
     assert f"`{model}, OS-EM SPECT` minus `{model}`" in report.read_text()
+
+
+def test_compare_models_scores_an_option_beside_the_first_model_on_both_spects(tmp_path):
+    import json
+
+    import compare_models
+    from FCMSegmentationLib.modelfile import default_model_path
+
+    model = str(default_model_path())
+    report = tmp_path / "selection.md"
+    assert compare_models.main([model, "--faint-lesion-option", "--osem-spect", "--procedural", "1", "--ct-derived",
+                                "0", "--report", str(report), "--section", "option"]) == 0
+    variant = f"{model}, faint lesions dropped"
+    text = report.read_text()
+    assert f"`{variant}` minus `{model}`" in text  # the model as shipped stays the reference
+    assert f"| OS-EM | `{variant}` |" in text
+    scores = json.loads((tmp_path / "results" / "option.json").read_text())["scores"]
+    assert {model, variant, f"{model}, OS-EM SPECT", f"{variant}, OS-EM SPECT"} <= set(scores)
+    assert scores[variant][0]["bone"] >= scores[model][0]["bone"] - 0.01  # the option only removes lesion voxels
 
 
 def test_compare_models_measures_the_lesion_filter_against_keeping_every_lesion(tmp_path):
@@ -515,7 +534,7 @@ def test_faint_lesion_rule_measures_each_predicted_lesion_and_scores_rules_from_
     assert None in script.rules() and (math.inf, math.inf) not in script.rules()
 
 
-def test_faint_lesion_rule_report_marks_the_shipped_rule(tmp_path):
+def test_faint_lesion_rule_report_marks_the_rule_the_option_applies(tmp_path):
     import json
 
     import faint_lesion_rule as script
@@ -524,7 +543,7 @@ def test_faint_lesion_rule_report_marks_the_shipped_rule(tmp_path):
     assert script.main(["--procedural", "1", "--ct-derived", "0", "--report", str(report)]) == 0
     text = report.read_text()
     assert "<!-- BEGIN faint_lesion_rule -->" in text
-    assert "| under 0.5 ml and peak below 0.7 **(shipped)** |" in text
+    assert "| under 0.5 ml and peak below 0.7 **(`--drop-faint-lesions`)** |" in text
     cases = json.loads((tmp_path / "results" / "faint_lesion_rule.json").read_text())["cases"]
     assert [case["spect"] for case in cases] == list(script.SPECTS)
     none_row = next(line for line in text.splitlines() if line.startswith("| none"))

@@ -90,16 +90,6 @@ def test_decision_dice_scores_each_decision_on_the_truth_grid():
     assert scores[3].tolist() == pytest.approx([1.0, 1.0])
 
 
-def test_decision_dice_drops_small_faint_lesions_as_segmentation_does_with_a_ct():
-    truth = sitk.GetImageFromArray(np.array([[[0, 1, 1, 1, 1]]], dtype=np.uint8))  # 1 µl voxels: all lesions small
-    stacked = _memberships((0.1, 0.9, 0.0), (0.1, 0.3, 0.6), (0.1, 0.9, 0.0), (0.1, 0.1, 0.8), (0.1, 0.9, 0.0))
-    memberships = sitk.GetImageFromArray(np.moveaxis(stacked, 0, -1), isVector=True)
-    grid = [((1.0, 1.0, 1.0), 0.0)]
-    # two lesions called, neither true: bone Dice 2 * 2 / (3 + 4); the faint one (peak 0.6) goes to bone
-    assert decision_dice(memberships, truth, grid)[0, 0] == pytest.approx(4 / 7)
-    assert decision_dice(memberships, truth, grid, drop_faint_lesions=True)[0, 0] == pytest.approx(6 / 8)
-
-
 @pytest.fixture(scope="module")
 def calibrated_on_one_phantom():
     from FCMSegmentationLib.modelfile import random_model

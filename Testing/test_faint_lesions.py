@@ -73,7 +73,7 @@ def test_decide_labels_drops_faint_lesions_only_given_the_voxel_volume():
     assert decide_labels(memberships, voxel_ml=VOXEL_ML).ravel().tolist() == [1, 1, 1, 2, 1]
 
 
-def test_segment_drops_faint_lesions_unless_told_to_keep_them(tiny_case):
+def test_segment_drops_faint_lesions_when_asked(tiny_case):
     import SimpleITK as sitk
 
     from FCMSegmentationLib.modelfile import LoadedModel, random_model
@@ -84,8 +84,8 @@ def test_segment_drops_faint_lesions_unless_told_to_keep_them(tiny_case):
     untrained = random_model("cpu", seed=0, norm="instance")
     weights = [1.0, 1.0, 2.5]  # lesion weighted up: an untrained network's faint memberships then call lesions
     model = LoadedModel(untrained.network, dict(untrained.card, decision={"spect_ct": weights}))
-    kept = segment(spect, ct, model, keep_lesions_outside_bone=True, keep_faint_lesions=True)
-    dropped = segment(spect, ct, model, keep_lesions_outside_bone=True)
+    kept = segment(spect, ct, model, keep_lesions_outside_bone=True)
+    dropped = segment(spect, ct, model, keep_lesions_outside_bone=True, drop_faint_lesions=True)
     memberships = np.moveaxis(sitk.GetArrayFromImage(kept.memberships), -1, 0)
     assert voxel_volume_ml(ct) == pytest.approx(np.prod(ct.GetSpacing()) / 1000)
     expected = decide_labels(memberships, weights, voxel_ml=voxel_volume_ml(ct))
@@ -95,7 +95,7 @@ def test_segment_drops_faint_lesions_unless_told_to_keep_them(tiny_case):
     assert lesion.sum() < (sitk.GetArrayFromImage(kept.labels) == 2).sum()
 
 
-def test_without_a_ct_segment_keeps_faint_lesions(tiny_case):
+def test_without_a_ct_segment_keeps_faint_lesions_even_when_asked(tiny_case):
     import SimpleITK as sitk
 
     from FCMSegmentationLib.modelfile import LoadedModel, random_model
@@ -106,18 +106,18 @@ def test_without_a_ct_segment_keeps_faint_lesions(tiny_case):
     untrained = random_model("cpu", seed=0, norm="instance")
     weights = [1.0, 1.0, 1.6]  # an untrained network then calls some small faint lesions on the SPECT's grid
     model = LoadedModel(untrained.network, dict(untrained.card, decision={"spect_only": weights}))
-    result = segment(spect, None, model)
+    result = segment(spect, None, model, drop_faint_lesions=True)
     labels = sitk.GetArrayFromImage(result.labels)
     memberships = np.moveaxis(sitk.GetArrayFromImage(result.memberships), -1, 0)
     with_ct_they_would_go = drop_faint_lesions(labels, memberships, weights, voxel_volume_ml(result.labels))
     assert (with_ct_they_would_go == 2).sum() < (labels == 2).sum()
-    assert np.array_equal(labels, sitk.GetArrayFromImage(segment(spect, None, model, keep_faint_lesions=True).labels))
+    assert np.array_equal(labels, sitk.GetArrayFromImage(segment(spect, None, model).labels))
 
 
-def test_the_command_line_can_keep_faint_lesions():
+def test_the_command_line_can_drop_faint_lesions():
     from FCMSegmentationLib.cli import build_parser
 
     for command in (["segment"], ["refine", "--scribbles", "s.nrrd"], ["adapt"]):
         argv = command + ["--spect", "s.mha", "--output", "o.nrrd"]
-        assert not build_parser().parse_args(argv).keep_faint_lesions
-        assert build_parser().parse_args(argv + ["--keep-faint-lesions"]).keep_faint_lesions
+        assert not build_parser().parse_args(argv).drop_faint_lesions
+        assert build_parser().parse_args(argv + ["--drop-faint-lesions"]).drop_faint_lesions

@@ -101,8 +101,7 @@ def test_segment_trims_lesions_by_the_cards_lesion_core(tiny_case):
     labelled = {}
     for core in (0.0, 0.9):
         card = dict(untrained.card, decision={"spect_ct": weights, "lesion_core": {"spect_ct": core}})
-        result = segment(spect, ct, LoadedModel(untrained.network, card), keep_lesions_outside_bone=True,
-                         keep_faint_lesions=True)  # an untrained network's lesions are all faint
+        result = segment(spect, ct, LoadedModel(untrained.network, card), keep_lesions_outside_bone=True)
         labelled[core] = sitk.GetArrayFromImage(result.labels)
     memberships = np.moveaxis(sitk.GetArrayFromImage(result.memberships), -1, 0)
     trimmed = trim_lesions(labels_from_memberships(memberships, weights), memberships, weights, 0.9)

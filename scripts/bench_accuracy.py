@@ -340,8 +340,8 @@ def report(docs: Path, data: Dict[str, Any], figure: Path, overlay: Optional[Pat
         "",
         "- **FCMSegmentation (SPECT+CT / SPECT only)**: `segment(spect, ct, model)` with the default model, "
         "labels by its card's calibrated decision weights and lesion core (`fcmseg calibrate`, chosen on "
-        "calibration phantoms, not these cases; `lesion_core.py`), lesions outside CT bone and small faint "
-        "lesions left out (`faint_lesions.py`), and the dense bone edge that the "
+        "calibration phantoms, not these cases; `lesion_core.py`), lesions outside CT bone left out and the "
+        "dense bone edge that the "
         "working grid rounds off completed from the CT (`cortex.py`); the SPECT-only run passes no CT (its "
         "output is on the SPECT grid and is resampled to the truth's grid by nearest neighbour for scoring).",
         "- **Otsu on SPECT (2 thresholds)**: `sitk.OtsuMultipleThresholds` (2 thresholds, 256 bins) over all "

@@ -3,7 +3,7 @@
 
 On calibration phantoms (seeds of ``calibration.py``, never used in training, validation or the benchmarks),
 each segmented twice with SPECT+CT, once with its SPECT's image-space noise and once with the SPECT
-reconstructed by OS-EM, the model labels with every lesion kept (``keep_faint_lesions``). Every predicted
+reconstructed by OS-EM, the model labels as shipped, every lesion kept. Every predicted
 lesion (a 26-connected component of the lesion label) is measured: its volume, its peak lesion membership
 and whether it touches a true lesion. Each rule "drop a predicted lesion under V ml whose lesion membership
 stays below P" is then scored on those components: dropping one takes its voxels out of the lesion class, so
@@ -62,7 +62,7 @@ def measure_case(kind: str, seed: int, spect: str, phantom, model) -> Dict[str, 
     from FCMSegmentationLib.preprocessing import voxel_volume_ml
     from FCMSegmentationLib.segmentation import segment
 
-    result = segment(phantom.spect, phantom.ct, model, device="auto", keep_faint_lesions=True)
+    result = segment(phantom.spect, phantom.ct, model, device="auto")
     labels = sitk.GetArrayFromImage(on_grid_of(result.labels, phantom.truth))
     lesion_membership = sitk.GetArrayFromImage(sitk.VectorIndexSelectionCast(result.memberships, 2))
     truth = sitk.GetArrayFromImage(phantom.truth)
@@ -124,7 +124,7 @@ def report(cases: Sequence[Mapping[str, Any]], described: str, procedural: int, 
            chosen: Rule) -> str:
     table = []
     for rule in rules():
-        row = [describe(rule) + (" **(shipped)**" if rule == chosen else "")]
+        row = [describe(rule) + (" **(`--drop-faint-lesions`)**" if rule == chosen else "")]
         for spect in SPECTS:
             scored = rule_row([case for case in cases if case["spect"] == spect], rule)
             row += [f"{scored['lesion_dice']:.3f}", f"{scored['false_per_case']:.2f}", str(scored["true_kept"]),

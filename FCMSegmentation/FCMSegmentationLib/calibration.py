@@ -10,9 +10,9 @@ grid point with the largest mean bone Dice + mean lesion Dice, separately for SP
 input, together with the lesion core: the weights decide which faint lesions are found, the core how far
 a found lesion reaches. Both are written into the model card, where :func:`segmentation.segment` and
 refinement sessions read them. The memberships themselves, the soft output, are unchanged. The lesion
-filter still picks its candidates by the plain argmax on the working grid; the lesion core and, with a CT,
-the dropping of small faint lesions (:mod:`faint_lesions`) and the cortex completion (:mod:`cortex`) follow
-the weighted decision, and calibration scores the labels with them, as segmentation gives them.
+filter still picks its candidates by the plain argmax on the working grid; the lesion core and the cortex
+completion (:mod:`cortex`) follow the weighted decision, and calibration scores the labels with them, as
+segmentation gives them.
 """
 from dataclasses import replace
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -23,7 +23,7 @@ import SimpleITK as sitk
 from .errors import InputError, require_probability
 from .metrics import evaluate_images
 from .modelfile import LESION_CORE_KEY, LoadedModel, decision_key
-from .preprocessing import array_to_image, dense_bone_mask, geometry_of, voxel_volume_ml
+from .preprocessing import array_to_image, dense_bone_mask, geometry_of
 from .progress import ProgressCallback, report
 from .validation import INPUTS, plan_phantoms, validation_plan
 
@@ -46,20 +46,18 @@ def decision_grid(background: Sequence[float] = BACKGROUND_WEIGHTS, lesion: Sequ
 
 
 def decision_dice(memberships: sitk.Image, truth: sitk.Image, grid: Sequence[Decision],
-                  dense_bone: Optional[np.ndarray] = None, drop_faint_lesions: bool = False) -> np.ndarray:
+                  dense_bone: Optional[np.ndarray] = None) -> np.ndarray:
     """Dice (G, 2: bone, lesion) of the labels each decision of ``grid`` gives from ``memberships``
     (a K-component image, as :class:`segmentation.SegmentationResult` holds), scored as the benchmarks
     score: on the truth's grid. dense_bone: the case's dense CT on the memberships' grid (as
-    :class:`preprocessing.WorkingCase` holds it), and drop_faint_lesions, to label as segmentation does with
-    a CT: with the cortex completed and the small faint lesions dropped (:mod:`faint_lesions`)."""
+    :class:`preprocessing.WorkingCase` holds it), to label as segmentation does, with the cortex completed."""
     from .segmentation import decide_labels
 
     stacked = np.moveaxis(sitk.GetArrayFromImage(memberships), -1, 0)
     reference = geometry_of(memberships)
-    voxel_ml = voxel_volume_ml(memberships) if drop_faint_lesions else None
     rows = []
     for weights, core in grid:
-        labels = decide_labels(stacked, weights, dense_bone, core, voxel_ml=voxel_ml)
+        labels = decide_labels(stacked, weights, dense_bone, core)
         dice = evaluate_images(array_to_image(labels, reference), truth)
         rows.append((dice["bone"], dice["lesion"]))
     return np.asarray(rows, dtype=float)
@@ -131,7 +129,7 @@ def calibrate(
             with_ct = used == "spect_ct"
             result = segment(phantom.spect, phantom.ct if with_ct else None, model, device=device)
             dense_bone = dense_bone_mask(phantom.ct) if with_ct else None
-            scores[used].append(decision_dice(result.memberships, phantom.truth, grid, dense_bone, with_ct))
+            scores[used].append(decision_dice(result.memberships, phantom.truth, grid, dense_bone))
         report(progress, number / len(plan), f"calibration phantom {number}/{len(plan)} ({kind}, seed {seed})")
     decision: Dict[str, Any] = {}
     record: Dict[str, Any] = {"procedural": procedural, "ct_derived": ct_derived, "seed_base": CALIBRATION_SEED_BASE,

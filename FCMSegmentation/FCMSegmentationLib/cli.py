@@ -63,7 +63,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         result = segment(spect, ct, model, device=args.device, patch=args.patch, progress=progress,
                          keep_lesions_outside_bone=args.keep_lesions_outside_bone,
                          complete_cortex_edge=not args.no_cortex_completion, align=not args.no_align,
-                         keep_faint_lesions=args.keep_faint_lesions)
+                         drop_faint_lesions=args.drop_faint_lesions)
     write_image(result.labels, output)
     if memberships_path is not None:
         write_image(result.memberships, memberships_path)
@@ -136,7 +136,7 @@ def _open_session(args: argparse.Namespace):
         return RefinementSession(spect, ct, model, args.device, RefineSettings(mode=args.mode), progress=progress,
                                  keep_lesions_outside_bone=args.keep_lesions_outside_bone,
                                  complete_cortex_edge=not args.no_cortex_completion, align=not args.no_align,
-                                 keep_faint_lesions=args.keep_faint_lesions)
+                                 drop_faint_lesions=args.drop_faint_lesions)
 
 
 def cmd_refine(args: argparse.Namespace) -> int:
@@ -237,9 +237,9 @@ def _add_labelling_arguments(parser: argparse.ArgumentParser) -> None:
                              "default: the model's calibrated core, 0.6 for the shipped model)")
     parser.add_argument("--keep-lesions-outside-bone", action="store_true",
                         help="keep predicted lesions that the CT shows are not in bone (by default they are left out)")
-    parser.add_argument("--keep-faint-lesions", action="store_true",
-                        help="with a CT, keep predicted lesions under 0.5 ml whose lesion membership stays below 0.7 "
-                             "(by default they are left out: most are noise)")
+    parser.add_argument("--drop-faint-lesions", action="store_true",
+                        help="with a CT, leave out predicted lesions under 0.5 ml whose lesion membership stays "
+                             "below 0.7: most are noise, above all in a reconstructed SPECT, a few small true lesions")
     parser.add_argument("--no-cortex-completion", action="store_true",
                         help="label bone as the network's working grid gives it, without putting back from the CT "
                              "the dense bone edge that the grid rounds off")

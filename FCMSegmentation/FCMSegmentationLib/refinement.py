@@ -176,12 +176,12 @@ class RefinementSession:
         keep_lesions_outside_bone: bool = False,
         complete_cortex_edge: bool = True,
         align: bool = True,
-        keep_faint_lesions: bool = False,
+        drop_faint_lesions: bool = False,
     ):
         self.device = resolve_device(device)
         self.keep_lesions_outside_bone = keep_lesions_outside_bone
         self.complete_cortex_edge = complete_cortex_edge
-        self.keep_faint_lesions = keep_faint_lesions
+        self.drop_faint_lesions = drop_faint_lesions
         self.settings = settings or RefineSettings()
         loaded = model if isinstance(model, LoadedModel) else load_model(model, self.device)
         # A private copy: fine-tuning must never leak into the caller's model (or the next session's).
@@ -215,7 +215,7 @@ class RefinementSession:
     def segment(self) -> SegmentationResult:
         """The current model's segmentation of the session's image; with a CT, as in :func:`segment`,
         predicted lesions not in bone are left out unless painted as lesion or ``keep_lesions_outside_bone``,
-        small faint lesions are left out unless painted as lesion or ``keep_faint_lesions``, and the dense
+        small faint lesions are left out if ``drop_faint_lesions`` unless painted as lesion, and the dense
         edge of bone is completed from the CT unless not ``complete_cortex_edge``."""
         memberships, notes = self.memberships_working(), []
         if not self.keep_lesions_outside_bone:
@@ -223,7 +223,7 @@ class RefinementSession:
         return result_from_working(memberships, self.case, self.device_description, notes,
                                    self.model.decision_weights(self.case.has_ct), painted=self._state.painted,
                                    complete_cortex_edge=self.complete_cortex_edge,
-                                   lesion_core=self.lesion_core, keep_faint_lesions=self.keep_faint_lesions)
+                                   lesion_core=self.lesion_core, drop_faint_lesions=self.drop_faint_lesions)
 
     @property
     def lesion_core(self) -> float:

@@ -9,7 +9,7 @@ import torch
 from .alignment import Alignment
 from .cortex import complete_cortex
 from .errors import InputError
-from .faint_lesions import drop_faint_lesions
+from . import faint_lesions
 from .inference import DEFAULT_PATCH, describe_device, estimate_run, resolve_device, run_with_fallback, sliding_window
 from .lesion_core import trim_lesions
 from .lesion_filter import drop_lesions_outside_bone
@@ -94,18 +94,18 @@ def decide_labels(memberships: np.ndarray, decision_weights: Optional[Sequence[f
     if lesion_core:
         labels = trim_lesions(labels, memberships, weights, lesion_core, painted)
     if voxel_ml is not None:
-        labels = drop_faint_lesions(labels, memberships, weights, voxel_ml, painted)
+        labels = faint_lesions.drop_faint_lesions(labels, memberships, weights, voxel_ml, painted)
     return labels if dense_bone is None else complete_cortex(labels, memberships, dense_bone)
 
 
 def result_from_working(memberships: np.ndarray, case: WorkingCase, device: str, notes: List[str],
                         decision_weights: Optional[Sequence[float]] = None,
                         painted: Optional[np.ndarray] = None, complete_cortex_edge: bool = True,
-                        lesion_core: float = 0.0, keep_faint_lesions: bool = False) -> SegmentationResult:
+                        lesion_core: float = 0.0, drop_faint_lesions: bool = False) -> SegmentationResult:
     """Resample working-grid memberships onto the output grid; labels are their argmax, weighted by the
     model's ``decision_weights`` (see :func:`preprocessing.labels_from_memberships`), each lesion narrowed
     to its ``lesion_core`` (:mod:`lesion_core`), with a CT the small faint lesions dropped
-    (:mod:`faint_lesions`) unless ``keep_faint_lesions``, with the dense edge of bone completed from the CT
+    (:mod:`faint_lesions`) if ``drop_faint_lesions``, with the dense edge of bone completed from the CT
     (:mod:`cortex`) unless not ``complete_cortex_edge`` or there is no CT.
 
     painted: optional stroke codes on the output grid (0 unpainted, 1 background, 2 bone, 3 lesion);
@@ -118,7 +118,7 @@ def result_from_working(memberships: np.ndarray, case: WorkingCase, device: str,
         for code in np.unique(painted[where]):
             on_output[int(code) - 1][painted == code] = 1.0
     # painted background (membership 1) is out of the cortex completion's reach
-    drop_faint = case.has_ct and not keep_faint_lesions
+    drop_faint = case.has_ct and drop_faint_lesions
     labels = decide_labels(on_output, decision_weights, case.dense_bone if complete_cortex_edge else None,
                            lesion_core, where, voxel_volume_ml(case.output_reference) if drop_faint else None)
     labels = array_to_image(labels, case.output_reference)
@@ -138,14 +138,14 @@ def segment(
     keep_lesions_outside_bone: bool = False,
     complete_cortex_edge: bool = True,
     align: bool = True,
-    keep_faint_lesions: bool = False,
+    drop_faint_lesions: bool = False,
 ) -> SegmentationResult:
     """Segment bone and lesions in ``spect`` (and ``ct`` if given) with ``model`` (default: shipped one).
 
     Output is on the CT's grid when a CT is given, else on the SPECT's. With a CT, predicted lesions that
     are not in bone on the CT are left out (see :mod:`lesion_filter`) unless ``keep_lesions_outside_bone``.
     Labels follow the model's calibrated decision weights and lesion core (:mod:`lesion_core`); with a CT
-    small faint lesions are dropped (:mod:`faint_lesions`) unless ``keep_faint_lesions``, and the dense edge
+    small faint lesions are dropped (:mod:`faint_lesions`) if ``drop_faint_lesions``, and the dense edge
     of bone that the working grid rounds off is put back from the CT (see :mod:`cortex`) unless not
     ``complete_cortex_edge``; the memberships are the network's, unweighted. With a CT, a rigid
     SPECT/CT misregistration is first found and undone (:mod:`alignment`) unless not ``align``.
@@ -169,6 +169,6 @@ def segment(
     report(progress, 0.92, "resampling onto the output grid")
     result = result_from_working(memberships, case, describe_device(torch_device), notes,
                                  loaded.decision_weights(case.has_ct), complete_cortex_edge=complete_cortex_edge,
-                                 lesion_core=loaded.lesion_core(case.has_ct), keep_faint_lesions=keep_faint_lesions)
+                                 lesion_core=loaded.lesion_core(case.has_ct), drop_faint_lesions=drop_faint_lesions)
     report(progress, 1.0, "done")
     return result

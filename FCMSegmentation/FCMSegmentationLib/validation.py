@@ -94,13 +94,13 @@ def score_models(
     align: bool = True,
     ct_slice_mm: Optional[float] = None,
     stored_as: Optional[str] = None,
-    keep_faint_lesions: bool = False,
+    drop_faint_lesions: bool = False,
 ) -> Dict[str, List[CaseScore]]:
     """Per-case Dice of every model in ``models`` on the phantoms of ``plan``, each phantom made once.
 
     ct, bone_labels: the real CT and its labels that CT-derived phantoms are built on (needed only if
     ``plan`` has any). ranges: simulation ranges (default: the training ranges). keep_lesions_outside_bone,
-    complete_cortex_edge, align, keep_faint_lesions: as in :func:`segmentation.segment` (to measure what the
+    complete_cortex_edge, align, drop_faint_lesions: as in :func:`segmentation.segment` (to measure what the
     lesion filter, the cortex completion, the SPECT/CT alignment and dropping faint lesions do).
     ct_slice_mm: give the models each phantom's CT re-sliced at this thickness
     (:func:`phantoms.slicing.thick_slice_ct`); the truth stays as it is.
@@ -129,7 +129,7 @@ def score_models(
                 result = segment(spect_image, ct_image if used == "spect_ct" else None, model, device=device,
                                  keep_lesions_outside_bone=keep_lesions_outside_bone,
                                  complete_cortex_edge=complete_cortex_edge, align=align,
-                                 keep_faint_lesions=keep_faint_lesions)
+                                 drop_faint_lesions=drop_faint_lesions)
                 dice = evaluate_images(result.labels, phantom.truth)
                 scores[name].append(CaseScore(kind, seed, used, dice["bone"], dice["lesion"]))
         report(progress, number / len(plan), f"validation phantom {number}/{len(plan)} ({kind}, seed {seed})")

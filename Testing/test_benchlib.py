@@ -549,3 +549,15 @@ def test_faint_lesion_rule_report_marks_the_rule_the_option_applies(tmp_path):
     none_row = next(line for line in text.splitlines() if line.startswith("| none"))
     dice = [script.rule_dice(case, None) for case in cases]
     assert none_row.split(" | ")[1] == f"{dice[0]:.3f}" and none_row.split(" | ")[5] == f"{dice[1]:.3f}"
+
+
+def test_real_ct_for_reads_the_shared_ct_only_when_asked_and_says_how_to_go_without(monkeypatch, tmp_path):
+    import argparse
+
+    from benchlib import common
+
+    parser = argparse.ArgumentParser()
+    assert common.real_ct_for(parser, 0) == (None, None)
+    monkeypatch.setattr(common, "REAL_CT", tmp_path / "missing")
+    with pytest.raises(SystemExit):
+        common.real_ct_for(parser, 1)

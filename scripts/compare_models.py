@@ -46,7 +46,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchlib.common import (  # noqa: E402
-    REPO, command_line, machine_line, markdown_table, read_real_ct, write_json, write_section,
+    REPO, command_line, machine_line, markdown_table, real_ct_for, write_json, write_section,
 )
 from benchlib.spect_scale import normalisation_moved  # noqa: E402
 
@@ -216,9 +216,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error(f"unknown orientations {unknown}: give one letter of each of R/L, A/P and S/I, e.g. RAS")
     if args.threads:
         torch.set_num_threads(args.threads)
-    real_ct, real_labels = read_real_ct() if args.ct_derived else (None, None)
-    if args.ct_derived and real_ct is None:
-        parser.error("CT-derived phantoms need ../shared/data/realct_dicom; pass --ct-derived 0 without it")
+    real_ct, real_labels = real_ct_for(parser, args.ct_derived)
     models = {path: load_model(path, "cpu") for path in args.models}
     plan = validation_plan(args.procedural, args.ct_derived)
     inputs = ("spect_ct", "spect_only") if args.spect_only else ("spect_ct",)

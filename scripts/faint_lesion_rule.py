@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 
 from benchlib.common import (  # noqa: E402
-    REPO, command_line, load_benchmark_model, machine_line, markdown_table, read_real_ct, write_json, write_section,
+    REPO, command_line, load_benchmark_model, machine_line, markdown_table, real_ct_for, write_json, write_section,
 )
 
 SECTION = "faint_lesion_rule"
@@ -174,9 +174,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    real_ct, real_labels = read_real_ct() if args.ct_derived else (None, None)
-    if args.ct_derived and real_ct is None:
-        parser.error("CT-derived phantoms need ../shared/data/realct_dicom; pass --ct-derived 0 without it")
+    real_ct, real_labels = real_ct_for(parser, args.ct_derived)
     model, described = load_benchmark_model(args.model)
     plan = validation_plan(args.procedural, args.ct_derived, seed_base=CALIBRATION_SEED_BASE)
     cases = []

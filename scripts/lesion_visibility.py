@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 
 from benchlib.common import (  # noqa: E402
-    REPO, command_line, load_benchmark_model, machine_line, markdown_table, mean_sd, fmt_mean_sd, read_real_ct,
+    REPO, command_line, load_benchmark_model, machine_line, markdown_table, mean_sd, fmt_mean_sd, real_ct_for,
     write_json, write_section,
 )
 from benchlib.lesions import LESION, RING_MM, lesion_visibility, lesions_found, recorded_components  # noqa: E402
@@ -164,9 +164,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    real_ct, real_labels = read_real_ct() if args.ct_derived else (None, None)
-    if args.ct_derived and real_ct is None:
-        parser.error("CT-derived phantoms need ../shared/data/realct_dicom; pass --ct-derived 0 without it")
+    real_ct, real_labels = real_ct_for(parser, args.ct_derived)
     model, described = load_benchmark_model(args.model)
     plan = validation_plan(args.procedural, args.ct_derived)
     cases = []

@@ -1,4 +1,5 @@
 """Shared plumbing of the benchmark scripts: paths, model loading, machine line, report sections."""
+import argparse
 import contextlib
 import datetime
 import json
@@ -77,6 +78,17 @@ def read_real_ct():
     if not (REAL_CT.is_dir() and REAL_LABELS.is_file()):
         return None, None
     return read_image(REAL_CT), read_image(REAL_LABELS)
+
+
+def real_ct_for(parser: argparse.ArgumentParser, ct_derived: int):
+    """:func:`read_real_ct` for a script asked for ``ct_derived`` CT-derived phantoms: (None, None) when it
+    asks for none; a usage error through ``parser`` when it asks for some and the data is missing."""
+    if not ct_derived:
+        return None, None
+    real_ct, real_labels = read_real_ct()
+    if real_ct is None:
+        parser.error("CT-derived phantoms need ../shared/data/realct_dicom; pass --ct-derived 0 without it")
+    return real_ct, real_labels
 
 
 def machine_line() -> str:

@@ -43,15 +43,12 @@ def measure_components(labels: np.ndarray, lesion_membership: np.ndarray, truth:
                        voxel_ml: float) -> List[Dict[str, Any]]:
     """Per predicted lesion of ``labels`` (uint8 (Z, Y, X), 2 for lesion): its voxels, volume (ml), peak of
     ``lesion_membership`` (same shape), voxels overlapping the truth's lesion and whether it touches one."""
-    from FCMSegmentationLib.metrics import lesion_components
+    from FCMSegmentationLib.faint_lesions import measure_lesions
 
-    components, count = lesion_components(labels)
-    index = np.arange(1, count + 1)
-    voxels = np.bincount(components.ravel(), minlength=count + 1)[1:]
-    overlap = np.bincount(components[truth == 2], minlength=count + 1)[1:]
-    peaks = [float(lesion_membership[components == i].max()) for i in index]
-    return [{"voxels": int(n), "volume_ml": float(n * voxel_ml), "peak": peak, "overlap": int(o), "true": bool(o)}
-            for n, peak, o in zip(voxels, peaks, overlap)]
+    components, voxels, peaks = measure_lesions(labels, lesion_membership)
+    overlap = np.bincount(components[truth == 2], minlength=len(voxels) + 1)[1:]
+    return [{"voxels": int(n), "volume_ml": float(n * voxel_ml), "peak": float(peak), "overlap": int(o),
+             "true": bool(o)} for n, peak, o in zip(voxels, peaks, overlap)]
 
 
 def measure_case(kind: str, seed: int, spect: str, phantom, model) -> Dict[str, Any]:
@@ -71,7 +68,9 @@ def measure_case(kind: str, seed: int, spect: str, phantom, model) -> Dict[str, 
 
 
 def dropped(component: Mapping[str, Any], rule: Optional[Rule]) -> bool:
-    return rule is not None and component["volume_ml"] < rule[0] and component["peak"] < rule[1]
+    from FCMSegmentationLib.faint_lesions import is_faint
+
+    return rule is not None and bool(is_faint(component["volume_ml"], component["peak"], *rule))
 
 
 def rule_dice(case: Mapping[str, Any], rule: Optional[Rule]) -> float:

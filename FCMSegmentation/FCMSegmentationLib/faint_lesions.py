@@ -14,16 +14,35 @@ default: it takes false lesions from 4.4 to 1.3 per case on the accuracy benchma
 but it also drops a few small true lesions, and lesion Dice there fell a little (docs/design.md, *Small
 faint lesions*).
 """
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 from scipy import ndimage
 
-from .lesion_core import CONNECTIVITY, background_or_bone
+from .lesion_core import background_or_bone
+from .metrics import lesion_components
 from .preprocessing import LESION, box_around
 
 MAX_VOLUME_ML = 0.5
 MIN_PEAK = 0.7
+
+
+def measure_lesions(labels: np.ndarray, lesion_membership: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The predicted lesions of ``labels`` (uint8 (Z, Y, X), 2 for lesion): their 26-connected components
+    (numbered from 1, 0 elsewhere), and per component its voxel count and the peak of ``lesion_membership``
+    (same shape) over it, each (count,)."""
+    components, count = lesion_components(labels)
+    voxels = np.bincount(components.ravel(), minlength=count + 1)[1:]
+    # in the membership's dtype, so that a float32 peak equal to the threshold is not below it
+    peaks = np.asarray(ndimage.maximum(lesion_membership, components, np.arange(1, count + 1)),
+                       dtype=lesion_membership.dtype)
+    return components, voxels, peaks.reshape(count)
+
+
+def is_faint(volume_ml, peak, max_volume_ml: float = MAX_VOLUME_ML, min_peak: float = MIN_PEAK):
+    """Whether a predicted lesion (or an array of them) is small and faint: under ``max_volume_ml`` and its
+    lesion membership below ``min_peak`` everywhere."""
+    return (volume_ml < max_volume_ml) & (peak < min_peak)
 
 
 def drop_faint_lesions(labels: np.ndarray, memberships: np.ndarray, weights: Sequence[float], voxel_ml: float,
@@ -45,11 +64,8 @@ def drop_faint_lesions(labels: np.ndarray, memberships: np.ndarray, weights: Seq
     if not lesion.any():
         return out
     box = box_around(lesion)
-    components, count = ndimage.label(lesion[box], CONNECTIVITY)
-    index = np.arange(1, count + 1)
-    volumes = np.bincount(components.ravel(), minlength=count + 1)[1:] * voxel_ml
-    peaks = ndimage.maximum(memberships[LESION][box], components, index)
-    faint = index[(volumes < max_volume_ml) & (peaks < min_peak)]
+    components, voxels, peaks = measure_lesions(labels[box], memberships[LESION][box])
+    faint = np.flatnonzero(is_faint(voxels * voxel_ml, peaks, max_volume_ml, min_peak)) + 1
     if painted is not None and faint.size:
         faint = np.setdiff1d(faint, components[painted[box] & (components > 0)])
     if not faint.size:

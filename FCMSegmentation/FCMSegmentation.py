@@ -157,6 +157,7 @@ class FCMSegmentationParameterNode:
     device: auto, cuda, mps or cpu. steps, alpha, beta: fine-tuning settings for Refine and Adapt.
     patchSize: sliding-window patch edge in voxels. showMemberships: also create membership volumes.
     alignSpect: first undo a rigid SPECT/CT misregistration (patient motion between the scans).
+    dropFaintLesions: with a CT, leave out predicted lesions under 0.5 ml that are never clearly lesion.
     """
 
     spectVolume: vtkMRMLScalarVolumeNode
@@ -171,6 +172,7 @@ class FCMSegmentationParameterNode:
     patchSize: Annotated[int, WithinRange(32, 256)] = DEFAULT_PATCH
     showMemberships: bool = False
     alignSpect: bool = True
+    dropFaintLesions: bool = False
 
 
 #
@@ -202,7 +204,7 @@ class FCMTask:
 
 
 def _newSession(spect, ct, modelPath: str, randomWeights: bool, device: str, patchSize: int, alignSpect: bool,
-                progress, cancel):
+                dropFaintLesions: bool, progress, cancel):
     """Worker thread: a RefinementSession on the given images with the chosen model."""
     from FCMSegmentationLib.refinement import RefinementSession
 
@@ -214,7 +216,7 @@ def _newSession(spect, ct, modelPath: str, randomWeights: bool, device: str, pat
     elif modelPath:
         model = modelPath
     return RefinementSession(spect, ct, model=model, device=device, patch=int(patchSize), align=bool(alignSpect),
-                             progress=progress, cancel=cancel)
+                             drop_faint_lesions=bool(dropFaintLesions), progress=progress, cancel=cancel)
 
 
 class FCMSegmentationDependencyError(RuntimeError):
@@ -277,6 +279,12 @@ class FCMSegmentationLogic(ScriptedLoadableModuleLogic):
         """The fraction of each lesion's peak membership that the current result keeps as lesion (the model's
         calibrated lesion core unless changed with :meth:`startSetLesionCore`); None before Segment."""
         return None if self._session is None else self._session.lesion_core
+
+    @property
+    def dropFaintLesions(self) -> Optional[bool]:
+        """Whether the current result leaves out small faint lesions (:meth:`startSetDropFaintLesions`);
+        None before Segment."""
+        return None if self._session is None else self._session.drop_faint_lesions
 
     @property
     def referenceNode(self):
@@ -474,11 +482,13 @@ class FCMSegmentationLogic(ScriptedLoadableModuleLogic):
 
     def startSegment(self, spectNode, ctNode=None, outputSegmentationNode=None, modelPath: str = "",
                      device: str = "auto", patchSize: int = DEFAULT_PATCH, showMemberships: bool = False,
-                     randomWeights: bool = False, alignSpect: bool = True) -> FCMTask:
+                     randomWeights: bool = False, alignSpect: bool = True, dropFaintLesions: bool = False
+                     ) -> FCMTask:
         """Start segmenting ``spectNode`` (+ ``ctNode``) into ``outputSegmentationNode`` (created if None).
 
         ``randomWeights`` runs an untrained network (smoke tests only: the result is meaningless).
         ``alignSpect`` first undoes a rigid SPECT/CT misregistration (with a CT; the note says what moved).
+        ``dropFaintLesions`` leaves out small faint lesions (with a CT; see :meth:`startSetDropFaintLesions`).
         """
         self._checkIdle()
         if spectNode is None:
@@ -494,8 +504,8 @@ class FCMSegmentationLogic(ScriptedLoadableModuleLogic):
                bool(randomWeights), device, bool(alignSpect))
 
         def work(progress, cancel):
-            session = _newSession(spect, ct, modelPath, randomWeights, device, patchSize, alignSpect, progress,
-                                  cancel)
+            session = _newSession(spect, ct, modelPath, randomWeights, device, patchSize, alignSpect,
+                                  dropFaintLesions, progress, cancel)
             return session, session.segment()
 
         def apply(output):
@@ -571,6 +581,16 @@ class FCMSegmentationLogic(ScriptedLoadableModuleLogic):
         return self._submit(_("Redrawing the lesions"),
                             lambda progress, cancel: session.set_lesion_core(float(fraction)), self._applyResult)
 
+    def startSetDropFaintLesions(self, drop: bool) -> FCMTask:
+        """Start drawing the result again with the small faint lesions left out (with a CT: predicted lesions
+        under 0.5 ml whose lesion membership stays below 0.7, most of them noise; painted lesions stay) or
+        kept, from the current memberships without running the network."""
+        self._checkIdle()
+        self._requireSession()
+        session = self._session
+        return self._submit(_("Redrawing the lesions"),
+                            lambda progress, cancel: session.set_drop_faint_lesions(bool(drop)), self._applyResult)
+
     def startResetModel(self) -> FCMTask:
         """Start discarding all refinements (back to the loaded model) and re-segmenting."""
         self._checkIdle()
@@ -595,10 +615,12 @@ class FCMSegmentationLogic(ScriptedLoadableModuleLogic):
 
     def segment(self, spectNode, ctNode=None, outputSegmentationNode=None, modelPath: str = "",
                 device: str = "auto", patchSize: int = DEFAULT_PATCH, showMemberships: bool = False,
-                randomWeights: bool = False, progress=None, alignSpect: bool = True) -> str:
+                randomWeights: bool = False, progress=None, alignSpect: bool = True,
+                dropFaintLesions: bool = False) -> str:
         """Segment and wait; returns the statistics line. See :meth:`startSegment`."""
         return self.wait(self.startSegment(spectNode, ctNode, outputSegmentationNode, modelPath, device,
-                                           patchSize, showMemberships, randomWeights, alignSpect), progress)
+                                           patchSize, showMemberships, randomWeights, alignSpect, dropFaintLesions),
+                         progress)
 
     def refine(self, scribbleSegmentationNode, steps: int = DEFAULT_STEPS, alpha: float = DEFAULT_ALPHA,
                beta: float = DEFAULT_BETA, showMemberships: Optional[bool] = None, progress=None) -> str:
@@ -617,6 +639,10 @@ class FCMSegmentationLogic(ScriptedLoadableModuleLogic):
     def setLesionCore(self, fraction: float, progress=None) -> str:
         """Draw the lesions again with another lesion core and wait. See :meth:`startSetLesionCore`."""
         return self.wait(self.startSetLesionCore(fraction), progress)
+
+    def setDropFaintLesions(self, drop: bool, progress=None) -> str:
+        """Leave out or keep the small faint lesions and wait. See :meth:`startSetDropFaintLesions`."""
+        return self.wait(self.startSetDropFaintLesions(drop), progress)
 
     def resetModel(self, progress=None) -> str:
         """Go back to the loaded model and wait."""
@@ -703,6 +729,7 @@ class FCMSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.undoButton.connect("clicked(bool)", self.onUndo)
         self.ui.resetModelButton.connect("clicked(bool)", self.onResetModel)
         self.ui.lesionCoreSpinBox.connect("valueChanged(double)", self.onLesionCore)
+        self.ui.dropFaintLesionsCheckBox.connect("toggled(bool)", self.onDropFaintLesions)
         self.ui.saveModelButton.connect("clicked(bool)", self.onSaveModel)
         self.ui.adaptButton.connect("clicked(bool)", self.onAdapt)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
@@ -795,6 +822,7 @@ class FCMSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.saveModelButton.enabled = session and not busy
         self.ui.adaptButton.enabled = session and not busy
         self.ui.lesionCoreSpinBox.enabled = session and not busy
+        self.ui.dropFaintLesionsCheckBox.enabled = not busy
         self.ui.createScribblesButton.enabled = bool(p and p.spectVolume) and not busy
         self.ui.cancelButton.enabled = busy
         self._updateScribbleEditor()
@@ -854,7 +882,8 @@ class FCMSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if not p.outputSegmentation:
                 p.outputSegmentation = self.logic.createOutputSegmentation(p.spectVolume)
             task = self.logic.startSegment(p.spectVolume, p.ctVolume, p.outputSegmentation, p.modelPath,
-                                           p.device, p.patchSize, p.showMemberships, alignSpect=p.alignSpect)
+                                           p.device, p.patchSize, p.showMemberships, alignSpect=p.alignSpect,
+                                           dropFaintLesions=p.dropFaintLesions)
             self._track(task, self._afterSegment)
 
     def _afterSegment(self, summary: str) -> None:
@@ -898,6 +927,14 @@ class FCMSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         with slicer.util.tryWithErrorDisplay(_("Could not redraw the lesions."), waitCursor=True):
             self._track(self.logic.startSetLesionCore(value))
+
+    def onDropFaintLesions(self, drop: bool) -> None:
+        """Redraw the current result at once; without one, the choice waits for the next Segment."""
+        current = self.logic.dropFaintLesions
+        if current is None or self.logic.busy or current == drop:
+            return
+        with slicer.util.tryWithErrorDisplay(_("Could not redraw the lesions."), waitCursor=True):
+            self._track(self.logic.startSetDropFaintLesions(drop))
 
     def onResetModel(self) -> None:
         if not slicer.util.confirmOkCancelDisplay(
@@ -1014,7 +1051,7 @@ def syntheticTestSpect(size: int = 36, spacing: float = 4.0, seed: int = 0):
 class FCMSegmentationTest(ScriptedLoadableModuleTest):
     """CPU-sized end-to-end tests: segment, paint strokes, refine 5 steps, undo, redraw the lesions with
     another lesion core; and a SPECT/CT pair moved apart by patient motion, aligned again through Slicer's
-    volume nodes."""
+    volume nodes, its small faint lesions left out and kept again."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
@@ -1103,6 +1140,7 @@ class FCMSegmentationTest(ScriptedLoadableModuleTest):
         import dataclasses
 
         import numpy as np
+        import SimpleITK as sitk
         import sitkUtils
         from FCMSegmentationLib.phantoms import TRAINING_RANGES, misregistration_transform, procedural_phantom
 
@@ -1127,6 +1165,14 @@ class FCMSegmentationTest(ScriptedLoadableModuleTest):
         error = max(np.linalg.norm(np.subtract(found.TransformPoint(p.tolist()), truth.TransformPoint(p.tolist())))
                     for p in points)
         self.assertLess(error, 1.5, "the alignment found through the volume nodes is off by %.1f mm" % error)
+
+        self.delayDisplay("Small faint lesions left out, then kept again")
+        kept = sitk.GetArrayFromImage(logic.lastResult.labels)
+        logic.setDropFaintLesions(True)
+        dropped = sitk.GetArrayFromImage(logic.lastResult.labels)
+        self.assertFalse(np.any((dropped == 2) & (kept != 2)), "leaving faint lesions out added lesion voxels")
+        logic.setDropFaintLesions(False)
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(logic.lastResult.labels), kept)
 
         self.delayDisplay("Showing the SPECT where it was segmented")
         from FCMSegmentationLib import mrml

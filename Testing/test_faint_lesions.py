@@ -100,7 +100,7 @@ def test_without_a_ct_segment_keeps_faint_lesions_even_when_asked(tiny_case):
 
     from FCMSegmentationLib.modelfile import LoadedModel, random_model
     from FCMSegmentationLib.preprocessing import voxel_volume_ml
-    from FCMSegmentationLib.segmentation import segment
+    from FCMSegmentationLib.segmentation import NO_CT_FOR_FAINT_LESIONS, segment
 
     spect, _, _ = tiny_case
     untrained = random_model("cpu", seed=0, norm="instance")
@@ -112,6 +112,8 @@ def test_without_a_ct_segment_keeps_faint_lesions_even_when_asked(tiny_case):
     with_ct_they_would_go = drop_faint_lesions(labels, memberships, weights, voxel_volume_ml(result.labels))
     assert (with_ct_they_would_go == 2).sum() < (labels == 2).sum()
     assert np.array_equal(labels, sitk.GetArrayFromImage(segment(spect, None, model).labels))
+    assert NO_CT_FOR_FAINT_LESIONS in result.notes
+    assert NO_CT_FOR_FAINT_LESIONS not in segment(spect, None, model).notes
 
 
 def test_the_command_line_can_drop_faint_lesions():

@@ -518,6 +518,26 @@ def test_adam_is_unfused_where_the_fused_kernel_fails_at_its_first_step(monkeypa
         fused_adam_runs.cache_clear()  # the next caller probes the real Adam again
 
 
+def test_dropping_faint_lesions_relabels_without_the_network_and_is_kept(tiny_case, untrained):
+    from FCMSegmentationLib.modelfile import LoadedModel
+    from FCMSegmentationLib.segmentation import segment
+
+    spect, ct, truth = tiny_case
+    lesion_up = LoadedModel(untrained.network, dict(untrained.card, decision={"spect_ct": [1.0, 1.0, 2.5]}))
+    session = RefinementSession(spect, ct, lesion_up, "cpu", FAST, keep_lesions_outside_bone=True)
+    kept = session.segment()
+    before = weights_of(session)
+    dropped = session.set_drop_faint_lesions(True)
+    assert same_weights(before, weights_of(session)) and not session.history  # no fine-tuning, no round
+    expected = segment(spect, ct, lesion_up, keep_lesions_outside_bone=True, drop_faint_lesions=True)
+    lesion = {name: sitk.GetArrayFromImage(result.labels) == 2 for name, result in
+              (("kept", kept), ("dropped", dropped), ("expected", expected))}
+    assert np.array_equal(lesion["dropped"], lesion["expected"])
+    assert 0 <= lesion["dropped"].sum() < lesion["kept"].sum()
+    session.refine(strokes_from_truth(truth, per_class=5, classes=(0, 1)))
+    assert session.drop_faint_lesions  # a refine round keeps the choice
+
+
 def test_a_new_lesion_core_relabels_without_the_network_and_is_kept(tiny_case, untrained, tmp_path):
     from FCMSegmentationLib.errors import InputError
     from FCMSegmentationLib.modelfile import LoadedModel

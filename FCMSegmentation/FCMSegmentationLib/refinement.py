@@ -239,6 +239,12 @@ class RefinementSession:
         self.model = self.model.with_lesion_core(fraction)
         return self.segment()
 
+    def set_drop_faint_lesions(self, drop: bool) -> SegmentationResult:
+        """The current memberships labelled again with the small faint lesions dropped (with a CT;
+        :mod:`faint_lesions`) or kept, without running the network. Later rounds keep the choice."""
+        self.drop_faint_lesions = bool(drop)
+        return self.segment()
+
     def refine(
         self,
         scribbles: sitk.Image,

@@ -28,6 +28,9 @@ from .preprocessing import (
 from .progress import CancelToken, ProgressCallback, report, scaled
 
 
+NO_CT_FOR_FAINT_LESIONS = "small faint lesions are kept: dropping them needs a CT (the rule was chosen for SPECT/CT)"
+
+
 @dataclass
 class SegmentationResult:
     """labels: uint8 image (0 background, 1 bone, 2 lesion) on the output grid.
@@ -119,6 +122,8 @@ def result_from_working(memberships: np.ndarray, case: WorkingCase, device: str,
             on_output[int(code) - 1][painted == code] = 1.0
     # painted background (membership 1) is out of the cortex completion's reach
     drop_faint = case.has_ct and drop_faint_lesions
+    if drop_faint_lesions and not case.has_ct:
+        notes = notes + [NO_CT_FOR_FAINT_LESIONS]
     labels = decide_labels(on_output, decision_weights, case.dense_bone if complete_cortex_edge else None,
                            lesion_core, where, voxel_volume_ml(case.output_reference) if drop_faint else None)
     labels = array_to_image(labels, case.output_reference)

@@ -250,7 +250,6 @@ class FCMSegmentationLogic(ScriptedLoadableModuleLogic):
         self._dependenciesReady = False
         self._torchDeclined = False
         self._session = None
-        self._sessionKey: Optional[tuple] = None
         self._outputNode = None
         self._referenceNode = None
         self._showMemberships = False
@@ -296,7 +295,6 @@ class FCMSegmentationLogic(ScriptedLoadableModuleLogic):
         self.cancel()
         self._generation += 1
         self._session = None
-        self._sessionKey = None
         self._outputNode = None
         self._referenceNode = None
         self.lastResult = None
@@ -500,8 +498,6 @@ class FCMSegmentationLogic(ScriptedLoadableModuleLogic):
         if outputSegmentationNode is None:
             outputSegmentationNode = self.createOutputSegmentation(spectNode)
         referenceNode = ctNode if ctNode is not None else spectNode
-        key = (spectNode.GetID(), ctNode.GetID() if ctNode is not None else None, modelPath or "",
-               bool(randomWeights), device, bool(alignSpect))
 
         def work(progress, cancel):
             session = _newSession(spect, ct, modelPath, randomWeights, device, patchSize, alignSpect,
@@ -511,7 +507,6 @@ class FCMSegmentationLogic(ScriptedLoadableModuleLogic):
         def apply(output):
             session, result = output
             self._session = session
-            self._sessionKey = key
             self._outputNode = outputSegmentationNode
             self._referenceNode = referenceNode
             self._showMemberships = bool(showMemberships)

@@ -1,7 +1,10 @@
 """Working grid, normalisation and output geometry."""
+import dataclasses
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from scipy import ndimage
 
 from conftest import make_tiny_case
 from FCMSegmentationLib.modelfile import load_model
@@ -13,7 +16,7 @@ from FCMSegmentationLib.preprocessing import (
     normalise_spect,
     prepare_case,
 )
-from FCMSegmentationLib.segmentation import segment
+from FCMSegmentationLib.segmentation import mask_outside_field_of_view, result_from_working, segment
 
 ROTATED = (0.0, -1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0)  # 90 degrees about z
 
@@ -128,3 +131,41 @@ def test_memberships_outside_working_grid_are_background(tiny_case):
     out = memberships_to_output(uniform, case)
     assert out.shape[1:] == sitk.GetArrayViewFromImage(ct).shape
     np.testing.assert_allclose(out.sum(axis=0), 1.0, atol=1e-5)
+
+
+def test_the_working_voxels_beyond_the_image_are_its_last_overhanging_slices(tiny_case):
+    spect, ct, _ = tiny_case
+    # CT 96 x 80 x 64 mm: 3 mm voxels fit x exactly, overhang y by 1 mm (the last centre still inside) and
+    # z by 2 mm (the last centre outside)
+    beyond = prepare_case(spect, ct).beyond_image
+    assert beyond[-1].all() and not beyond[:-1].any()
+    # SPECT alone, 104 x 88 x 72 mm: only y's last slice overhangs by more than half a voxel
+    beyond = prepare_case(spect).beyond_image
+    assert beyond[:, -1].all() and not beyond[:, :-1].any()
+
+
+def test_voxels_beyond_the_image_take_the_memberships_of_their_inner_neighbours(tiny_case):
+    spect, ct, _ = tiny_case
+    case = prepare_case(spect, ct, beyond_spect=True)
+    memberships = np.random.default_rng(0).dirichlet(np.ones(3), case.valid.shape).astype(np.float32)
+    memberships = np.moveaxis(memberships, -1, 0)
+    filled = mask_outside_field_of_view(memberships, case)
+    unfilled = mask_outside_field_of_view(memberships, dataclasses.replace(case, beyond_image=None))
+    np.testing.assert_array_equal(filled[:, :-1], unfilled[:, :-1])
+    np.testing.assert_array_equal(filled[:, -1], unfilled[:, -2])
+
+
+def test_the_last_ct_slice_keeps_bone_that_runs_through_it(tiny_case):
+    spect, ct, truth = tiny_case
+    case = prepare_case(spect, ct, beyond_spect=True)
+    # memberships as a network gives them: bone where the CT is dense, background where it saw padding
+    bone = case.features[1] > 0.7
+    memberships = np.stack([~bone, bone, np.zeros_like(bone)]).astype(np.float32)
+    rod = ndimage.binary_erosion(sitk.GetArrayFromImage(truth)[-1] > 0)  # the rod runs along z; not its rim
+    last_slice = {}
+    for name, beyond in (("filled", case.beyond_image), ("unfilled", None)):
+        masked = mask_outside_field_of_view(memberships, dataclasses.replace(case, beyond_image=beyond))
+        labels = result_from_working(masked, case, "", [], complete_cortex_edge=False).labels
+        last_slice[name] = sitk.GetArrayFromImage(labels)[-1]
+    assert rod.sum() > 20 and np.all(last_slice["filled"][rod] > 0)
+    assert not np.any(last_slice["unfilled"][rod] > 0)  # half background there: what the filling mends

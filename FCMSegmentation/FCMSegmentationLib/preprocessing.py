@@ -59,6 +59,9 @@ class WorkingCase:
     where :func:`cortex.complete_cortex` may add bone.
     alignment: the SPECT/CT misregistration looked for and, where found, undone (:mod:`alignment`); None
     when not looked for (no CT, or not asked).
+    beyond_image: bool (Z, Y, X), the working voxels whose centre lies outside the reference image (CT, or
+    SPECT without one): the grid has whole voxels, so its last slice along an axis can overhang the image
+    by up to one voxel, where the network sees padding (None: none known).
     """
 
     features: np.ndarray
@@ -71,6 +74,7 @@ class WorkingCase:
     beyond_spect: bool = False
     dense_bone: Optional[np.ndarray] = None
     alignment: Optional[Alignment] = None
+    beyond_image: Optional[np.ndarray] = None
 
     @property
     def segmented(self) -> np.ndarray:
@@ -241,9 +245,7 @@ def prepare_case(
     if beyond_spect:
         lo, hi = np.full(3, -0.5), full - 0.5
     grid = working_grid(reference, lo, hi, spacing_mm, stored_axes)
-    inside = sitk.Image(spect.GetSize(), sitk.sitkUInt8) + 1
-    inside.CopyInformation(spect)
-    valid = resample_to(inside, grid, linear=False).astype(bool)
+    valid = covered_by(spect, grid)
     spect_norm, scale = normalise_spect(resample_to(spect, grid), valid)
     if ct is not None:
         ct_norm = normalise_ct(resample_to(reference, grid, default=-1000.0))
@@ -254,7 +256,14 @@ def prepare_case(
     features = np.stack([spect_norm * valid, ct_norm, present]).astype(np.float32)
     dense_bone = dense_bone_mask(reference) if ct is not None else None
     return WorkingCase(features, valid, grid, geometry_of(reference), scale, ct is not None, notes, beyond_spect,
-                       dense_bone, alignment)
+                       dense_bone, alignment, ~covered_by(reference, grid))
+
+
+def covered_by(image: sitk.Image, grid: sitk.Image) -> np.ndarray:
+    """Bool (Z, Y, X) on ``grid``: the voxels whose centre lies inside ``image``'s voxel-edge box."""
+    inside = sitk.Image(image.GetSize(), sitk.sitkUInt8) + 1
+    inside.CopyInformation(image)
+    return resample_to(inside, grid, linear=False).astype(bool)
 
 
 def dense_bone_mask(ct: sitk.Image) -> np.ndarray:

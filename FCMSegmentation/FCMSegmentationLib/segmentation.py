@@ -5,6 +5,7 @@ from typing import List, Optional, Sequence, Union
 import numpy as np
 import SimpleITK as sitk
 import torch
+from scipy import ndimage
 
 from .alignment import Alignment
 from .cortex import complete_cortex
@@ -49,7 +50,9 @@ class SegmentationResult:
 def mask_outside_field_of_view(memberships: np.ndarray, case: WorkingCase) -> np.ndarray:
     """Memberships (K, Z, Y, X) with no lesion outside the SPECT field of view (a lesion is seen by its
     uptake): there, pure background, or, when the case segments beyond the SPECT, bone and background
-    renormalised (what the CT shows)."""
+    renormalised (what the CT shows). Then the voxels beyond the image (``case.beyond_image``) take those of
+    the nearest voxel inside it: the network saw padding there, and the image's last slices, which lie
+    between such a voxel and the one inside, would otherwise be half background."""
     out = memberships.copy()
     outside = ~case.valid
     if case.beyond_spect:
@@ -60,6 +63,10 @@ def mask_outside_field_of_view(memberships: np.ndarray, case: WorkingCase) -> np
     else:
         out[:, outside] = 0.0
         out[BACKGROUND][outside] = 1.0
+    beyond = case.beyond_image
+    if beyond is not None and beyond.any() and not beyond.all():
+        nearest_inside = ndimage.distance_transform_edt(beyond, return_distances=False, return_indices=True)
+        out = out[(slice(None),) + tuple(nearest_inside)]
     return out
 
 

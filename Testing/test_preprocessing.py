@@ -11,6 +11,7 @@ from FCMSegmentationLib.modelfile import load_model
 from FCMSegmentationLib.preprocessing import (
     CT_CLIP,
     memberships_to_output,
+    nearest_inside,
     nearest_lps_axes,
     normalise_ct,
     normalise_spect,
@@ -137,11 +138,26 @@ def test_the_working_voxels_beyond_the_image_are_its_last_overhanging_slices(tin
     spect, ct, _ = tiny_case
     # CT 96 x 80 x 64 mm: 3 mm voxels fit x exactly, overhang y by 1 mm (the last centre still inside) and
     # z by 2 mm (the last centre outside)
-    beyond = prepare_case(spect, ct).beyond_image
+    beyond = beyond_mask(prepare_case(spect, ct))
     assert beyond[-1].all() and not beyond[:-1].any()
     # SPECT alone, 104 x 88 x 72 mm: only y's last slice overhangs by more than half a voxel
-    beyond = prepare_case(spect).beyond_image
+    beyond = beyond_mask(prepare_case(spect))
     assert beyond[:, -1].all() and not beyond[:, :-1].any()
+
+
+def beyond_mask(case):
+    mask = np.zeros(case.valid.shape, dtype=bool)
+    mask.flat[case.beyond_image[0]] = True
+    return mask
+
+
+def test_nearest_inside_maps_each_outside_voxel_to_the_closest_inside_one():
+    inside = np.zeros((1, 3, 4), dtype=bool)
+    inside[0, :2, :3] = True
+    outside, source = nearest_inside(inside)
+    assert outside.tolist() == [3, 7, 8, 9, 10, 11]
+    assert source.tolist() == [2, 6, 4, 5, 6, 6]
+    assert nearest_inside(np.ones((2, 2), bool)) is None and nearest_inside(np.zeros((2, 2), bool)) is None
 
 
 def test_voxels_beyond_the_image_take_the_memberships_of_their_inner_neighbours(tiny_case):

@@ -25,6 +25,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import SimpleITK as sitk
+from scipy import ndimage
 
 from .alignment import Alignment, align_spect
 from .errors import InputError
@@ -59,9 +60,10 @@ class WorkingCase:
     where :func:`cortex.complete_cortex` may add bone.
     alignment: the SPECT/CT misregistration looked for and, where found, undone (:mod:`alignment`); None
     when not looked for (no CT, or not asked).
-    beyond_image: bool (Z, Y, X), the working voxels whose centre lies outside the reference image (CT, or
-    SPECT without one): the grid has whole voxels, so its last slice along an axis can overhang the image
-    by up to one voxel, where the network sees padding (None: none known).
+    beyond_image: (flat indices of the working voxels whose centre lies outside the reference image, the CT
+    or the SPECT without one; flat indices of the nearest voxel inside for each), or None when there are
+    none: the grid has whole voxels, so its last slice along an axis can overhang the image by up to one
+    voxel, where the network sees padding.
     """
 
     features: np.ndarray
@@ -74,7 +76,7 @@ class WorkingCase:
     beyond_spect: bool = False
     dense_bone: Optional[np.ndarray] = None
     alignment: Optional[Alignment] = None
-    beyond_image: Optional[np.ndarray] = None
+    beyond_image: Optional[Tuple[np.ndarray, np.ndarray]] = None
 
     @property
     def segmented(self) -> np.ndarray:
@@ -256,7 +258,7 @@ def prepare_case(
     features = np.stack([spect_norm * valid, ct_norm, present]).astype(np.float32)
     dense_bone = dense_bone_mask(reference) if ct is not None else None
     return WorkingCase(features, valid, grid, geometry_of(reference), scale, ct is not None, notes, beyond_spect,
-                       dense_bone, alignment, ~covered_by(reference, grid))
+                       dense_bone, alignment, nearest_inside(covered_by(reference, grid)))
 
 
 def covered_by(image: sitk.Image, grid: sitk.Image) -> np.ndarray:
@@ -264,6 +266,17 @@ def covered_by(image: sitk.Image, grid: sitk.Image) -> np.ndarray:
     inside = sitk.Image(image.GetSize(), sitk.sitkUInt8) + 1
     inside.CopyInformation(image)
     return resample_to(inside, grid, linear=False).astype(bool)
+
+
+def nearest_inside(inside: np.ndarray) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+    """(flat indices of the False voxels of ``inside``, flat indices of the nearest True voxel to each), or
+    None when all or none are True. Found once per case: applying it is cheap, in every refine round."""
+    if inside.all() or not inside.any():
+        return None
+    nearest = ndimage.distance_transform_edt(~inside, return_distances=False, return_indices=True)
+    outside = np.flatnonzero(~inside)
+    source = np.ravel_multi_index(tuple(axis.ravel()[outside] for axis in nearest), inside.shape)
+    return outside, source
 
 
 def dense_bone_mask(ct: sitk.Image) -> np.ndarray:

@@ -5,7 +5,6 @@ from typing import List, Optional, Sequence, Union
 import numpy as np
 import SimpleITK as sitk
 import torch
-from scipy import ndimage
 
 from .alignment import Alignment
 from .cortex import complete_cortex
@@ -63,10 +62,10 @@ def mask_outside_field_of_view(memberships: np.ndarray, case: WorkingCase) -> np
     else:
         out[:, outside] = 0.0
         out[BACKGROUND][outside] = 1.0
-    beyond = case.beyond_image
-    if beyond is not None and beyond.any() and not beyond.all():
-        nearest_inside = ndimage.distance_transform_edt(beyond, return_distances=False, return_indices=True)
-        out = out[(slice(None),) + tuple(nearest_inside)]
+    if case.beyond_image is not None:
+        beyond, nearest_inside = case.beyond_image
+        flat = out.reshape(out.shape[0], -1)  # a view: filling it fills ``out``
+        flat[:, beyond] = flat[:, nearest_inside]
     return out
 
 

@@ -64,7 +64,8 @@ class RefineSettings:
     offsets and their Adam step (logit units per step); offset_cell 0 fine-tunes the head alone. Cells
     of 3 (9 mm) let one stroke spill into the next structure (measured: bone Dice fell, lesion gains halved).
     beta, q: RFCM spatial weight and fuzzifier. crop: side of the random crops for RFCM (voxels); 40 and
-    30 steps keep a round under Grow-from-seeds' time at 128^3 on 2 CPU cores (48 and 60 steps did not).
+    30 steps keep a round near Grow-from-seeds' incremental update at 128^3 on 2 CPU cores (48 and 60 steps
+    did not; scripts/bench_refine.py).
     pull_confirmed: whether painted voxels that both the current result and the one this series of refine
     rounds started from (the anchor's reference) label as painted pull in the label loss even while they
     stay right. False: such confirming strokes pull only while a step's memberships label them wrong; the

@@ -27,13 +27,14 @@ test-floor:
 demo: install
 	$(PYTHON) -m FCMSegmentationLib.demo --out $(OUT)/demo
 
-# Full benchmarks (about 25-35 min on 2 CPU cores); results go to docs/benchmarks.md and docs/figures/.
+# Full benchmarks (about 80 min on 2 CPU cores); results go to docs/benchmarks.md and docs/figures/.
 bench: install
 	$(PYTHON) scripts/bench_inference.py
 	$(PYTHON) scripts/bench_accuracy.py
 	$(PYTHON) scripts/bench_accuracy.py --osem
 	$(PYTHON) scripts/lesion_visibility.py
 	$(PYTHON) scripts/bench_refine.py
+	$(PYTHON) scripts/bench_adapt.py
 	$(PYTHON) scripts/bench_alignment.py
 
 # The README's walkthrough pictures, rendered from real MRML output (slicer-core), and the SPECT chains figure.

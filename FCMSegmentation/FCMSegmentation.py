@@ -1045,8 +1045,8 @@ def syntheticTestSpect(size: int = 36, spacing: float = 4.0, seed: int = 0):
 
 class FCMSegmentationTest(ScriptedLoadableModuleTest):
     """CPU-sized end-to-end tests: segment, paint strokes, refine 5 steps, undo, redraw the lesions with
-    another lesion core; and a SPECT/CT pair moved apart by patient motion, aligned again through Slicer's
-    volume nodes, its small faint lesions left out and kept again."""
+    another lesion core, adapt twice and undo both; and a SPECT/CT pair moved apart by patient motion,
+    aligned again through Slicer's volume nodes, its small faint lesions left out and kept again."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
@@ -1128,6 +1128,17 @@ class FCMSegmentationTest(ScriptedLoadableModuleTest):
         self.assertGreaterEqual(int((wide == 2).sum()), int((before == 2).sum()))
         np.testing.assert_array_equal(self._segmentArray(outputNode, "Lesion", spectNode) > 0, wide == 2)
         logic.setLesionCore(calibratedCore)
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(logic.lastResult.labels), before)
+
+        self.delayDisplay("Adapting without labels twice, then undoing both")
+        logic.adapt(steps=5)
+        logic.adapt(steps=5)
+        adapted = sitk.GetArrayFromImage(logic.lastResult.labels)
+        np.testing.assert_array_equal(self._segmentArray(outputNode, "Bone", spectNode) > 0, adapted == 1)
+        if not randomWeights:  # a small adjustment: the calls in a row share one anchor, so they cannot drift
+            self.assertGreater(float((adapted == before).mean()), 0.95)
+        logic.undo()
+        logic.undo()
         np.testing.assert_array_equal(sitk.GetArrayFromImage(logic.lastResult.labels), before)
         self.delayDisplay("Test passed")
 

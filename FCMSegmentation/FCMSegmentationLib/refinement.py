@@ -60,6 +60,8 @@ class RefineSettings:
     reset): anchored to each round's start instead, small changes added up round after round
     (scripts/bench_refine.py, 3 rounds: bone -0.014 with that anchor, -0.002 with this one; on
     validation phantoms with one same model, lesion Dice also fell after round 1 instead of rising).
+    Adapt calls in a row share their series' reference the same way (scripts/bench_adapt.py, images
+    with the SPECT's normalisation doubled: 3 calls cost bone -0.023 anchored to each call's start).
     offset_cell / offset_learning_rate: spacing (working voxels; 2 = 6 mm) of the stroke-local logit
     offsets and their Adam step (logit units per step); offset_cell 0 fine-tunes the head alone. Cells
     of 3 (9 mm) let one stroke spill into the next structure (measured: bone Dice fell, lesion gains halved).
@@ -118,7 +120,8 @@ class _State:
     offsets: Optional[torch.Tensor] = None  # (1, K, cz, cy, cx) coarse logit offsets of this image, or None
     offset_cell: int = 0  # working voxels between the offsets' nodes
     painted: Optional[np.ndarray] = None  # stroke codes on the output grid, kept in the result as painted
-    anchor: Optional[torch.Tensor] = None  # memberships this series of refine rounds started from; None: own
+    anchor: Optional[torch.Tensor] = None  # memberships this series of calls started from; None: own
+    series: Optional[str] = None  # the action ("refine" or "adapt") whose series this state belongs to
     memberships: Optional[torch.Tensor] = None  # (1, K, Z, Y, X) computed once, on first use
 
 
@@ -390,9 +393,10 @@ class RefinementSession:
         return torch.where(confirming, still_wrong(memberships, labels, self._decision_weights), labels)
 
     def _anchor_reference(self, action: str) -> torch.Tensor:
-        """(1, K, Z, Y, X) memberships the anchor term holds this call near: for refine, those before the
-        first refine round since the last adapt or reset; for adapt, the current ones."""
-        if action == "refine" and self._state.anchor is not None:
+        """(1, K, Z, Y, X) memberships the anchor term holds this call near: those before the first call of
+        the series of ``action`` calls in a row (refine rounds, or adapt calls) that this one continues; the
+        current ones when it starts a series (after reset, or after a call of the other action)."""
+        if self._state.series == action and self._state.anchor is not None:
             return self._state.anchor
         return self._state_memberships()
 
@@ -427,7 +431,7 @@ class RefinementSession:
         check_cancel(cancel)
         kept = None if offsets is None else offsets.detach()
         self._commit(_State(_clone_weights(trainee), features, kept, cell if kept is not None else 0, painted,
-                            anchor=reference if action == "refine" else None), push=True)
+                            anchor=reference, series=action), push=True)
         self.history.append(RoundRecord(action, steps_run, final_loss, time.monotonic() - start, stroke_counts(labels)))
         report(progress, 1.0, f"{action}: done")
         return self.segment()

@@ -1,4 +1,5 @@
 """Tests of the benchmark helpers under scripts/benchlib (simulated user, classical baselines, report)."""
+import argparse
 import math
 import sys
 from pathlib import Path
@@ -10,7 +11,9 @@ import SimpleITK as sitk
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
 from benchlib import classical  # noqa: E402
-from benchlib.common import ACCURACY_SEED_OFFSETS, held_out_plan, write_section  # noqa: E402
+from benchlib.common import (  # noqa: E402
+    ACCURACY_SEED_OFFSETS, REPO, add_model_run_arguments, docs_folder, held_out_plan, write_section,
+)
 from benchlib.grid_bound import truth_through_working_grid  # noqa: E402
 from benchlib.misregistration_bound import truth_where_spect_shows_it  # noqa: E402
 from benchlib.simulated_user import PLANES, paint_strokes, seed_strokes  # noqa: E402
@@ -561,3 +564,13 @@ def test_real_ct_for_reads_the_shared_ct_only_when_asked_and_says_how_to_go_with
     monkeypatch.setattr(common, "REAL_CT", tmp_path / "missing")
     with pytest.raises(SystemExit):
         common.real_ct_for(parser, 1)
+
+
+def test_quick_runs_write_outside_the_published_docs_unless_told_where(tmp_path):
+    parser = argparse.ArgumentParser()
+    add_model_run_arguments(parser)
+    assert docs_folder(parser.parse_args([])) == REPO / "docs"
+    assert docs_folder(parser.parse_args(["--quick"])) == REPO / "out" / "bench-quick"
+    assert docs_folder(parser.parse_args(["--quick", "--docs", str(tmp_path)])) == tmp_path
+    args = parser.parse_args(["--model", "m.pt", "--random-weights", "--threads", "3"])
+    assert (args.model, args.random_weights, args.threads) == ("m.pt", True, 3)

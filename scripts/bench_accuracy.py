@@ -36,8 +36,9 @@ import numpy as np  # noqa: E402
 
 from benchlib import classical  # noqa: E402
 from benchlib.common import (  # noqa: E402
-    ACCURACY_SEED_OFFSETS, CLASSES, REPO, command_line, fmt_mean_sd, held_out_plan, load_benchmark_model,
-    machine_line, markdown_table, mean_sd, read_real_ct, relative_to_docs, save_figure, write_json, write_section,
+    ACCURACY_SEED_OFFSETS, CLASSES, add_model_run_arguments, command_line, docs_folder, fmt_mean_sd, held_out_plan,
+    load_benchmark_model, machine_line, markdown_table, mean_sd, read_real_ct, relative_to_docs, save_figure,
+    write_json, write_section,
 )
 from benchlib.grid_bound import truth_through_working_grid  # noqa: E402
 from benchlib.misregistration_bound import truth_where_spect_shows_it  # noqa: E402
@@ -417,14 +418,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", type=int, default=None, help="number of cases (default 12; 2 with --quick); "
                         "a third of them CT-derived")
-    parser.add_argument("--quick", action="store_true", help="tiny smoke run (writes to out/bench-quick by default)")
-    parser.add_argument("--model", default=None, help="model file (default: the shipped default model)")
-    parser.add_argument("--random-weights", action="store_true", help="untrained network (smoke tests only)")
-    parser.add_argument("--docs", type=Path, default=None,
-                        help="where benchmarks.md, figures/ and results/ go (default docs/, or out/bench-quick "
-                             "with --quick)")
     parser.add_argument("--seeds-per-class", type=int, default=SEEDS_PER_CLASS, help="GrowCut seed strokes per class")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
+    add_model_run_arguments(parser)
     parser.add_argument("--osem", action="store_true",
                         help="reconstruct every case's SPECT by OS-EM from noisy projections (section "
                              f"{SECTION}_osem)")
@@ -435,7 +430,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     count = args.cases if args.cases is not None else (2 if args.quick else 12)
-    docs = args.docs or (REPO / "out" / "bench-quick" if args.quick else REPO / "docs")
+    docs = docs_folder(args)
     figures, results_dir = docs / "figures", docs / "results"
     model, model_description = load_benchmark_model(args.model, args.random_weights)
     real_ct, real_labels = read_real_ct()

@@ -36,9 +36,9 @@ from typing import Any, Dict, List, Optional, Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchlib.common import (  # noqa: E402
-    ACCURACY_SEED_OFFSETS, CLASSES, REPO, SHIFTED_SEED_OFFSETS, command_line, finite, held_out_plan,
-    load_benchmark_model, machine_line, markdown_table, read_real_ct, relative_to_docs, save_figure, write_json,
-    write_section,
+    ACCURACY_SEED_OFFSETS, CLASSES, SHIFTED_SEED_OFFSETS, add_model_run_arguments, command_line, docs_folder,
+    finite, held_out_plan, load_benchmark_model, machine_line, markdown_table, read_real_ct, relative_to_docs,
+    save_figure, write_json, write_section,
 )
 from benchlib.spect_scale import normalisation_moved  # noqa: E402
 
@@ -236,13 +236,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="cases per shift, a third CT-derived (default 6; 1 with --quick)")
     parser.add_argument("--shifts", nargs="+", choices=list(SHIFTS), default=list(SHIFTS),
                         help="which shifts to run (default all)")
-    parser.add_argument("--quick", action="store_true", help="tiny smoke run (writes to out/bench-quick by default)")
-    parser.add_argument("--model", default=None, help="model file (default: the shipped default model)")
-    parser.add_argument("--random-weights", action="store_true", help="untrained network (smoke tests only)")
-    parser.add_argument("--docs", type=Path, default=None,
-                        help="where benchmarks.md, figures/ and results/ go "
-                             "(default docs/, or out/bench-quick with --quick)")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
+    add_model_run_arguments(parser)
     args = parser.parse_args(argv)
 
     import torch
@@ -250,7 +244,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     count = args.cases if args.cases is not None else (1 if args.quick else 6)
-    docs = args.docs or (REPO / "out" / "bench-quick" if args.quick else REPO / "docs")
+    docs = docs_folder(args)
     model, model_description = load_benchmark_model(args.model, args.random_weights)
     real_ct, real_labels = read_real_ct()
     started = time.perf_counter()

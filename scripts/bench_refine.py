@@ -37,9 +37,9 @@ import numpy as np  # noqa: E402
 
 from benchlib import classical  # noqa: E402
 from benchlib.common import (  # noqa: E402
-    ACCURACY_SEED_OFFSETS, CLASSES, REPO, SHIFTED_SEED_OFFSETS, command_line, fmt_mean_sd, held_out_plan,
-    load_benchmark_model, machine_line, markdown_table, mean_sd, read_real_ct, relative_to_docs, save_figure,
-    write_json, write_section,
+    ACCURACY_SEED_OFFSETS, CLASSES, SHIFTED_SEED_OFFSETS, add_model_run_arguments, command_line, docs_folder,
+    fmt_mean_sd, held_out_plan, load_benchmark_model, machine_line, markdown_table, mean_sd, read_real_ct,
+    relative_to_docs, save_figure, write_json, write_section,
 )
 from benchlib.simulated_user import SEEDS_PER_CLASS, codes_image, paint_strokes, seed_strokes  # noqa: E402
 from benchlib.speed_case import SPEED_SEED_OFFSET, speed_case  # noqa: E402
@@ -462,13 +462,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--speed-size", type=int, default=None,
                         help="side of the speed volume (default 128; 64 with --quick)")
     parser.add_argument("--repeats", type=int, default=None, help="speed repeats (default 3; 1 with --quick)")
-    parser.add_argument("--quick", action="store_true", help="tiny smoke run (writes to out/bench-quick by default)")
-    parser.add_argument("--model", default=None, help="model file (default: the shipped default model)")
-    parser.add_argument("--random-weights", action="store_true", help="untrained network (smoke tests only)")
-    parser.add_argument("--docs", type=Path, default=None,
-                        help="where benchmarks.md, figures/ and results/ go "
-                             "(default docs/, or out/bench-quick with --quick)")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
+    add_model_run_arguments(parser)
     args = parser.parse_args(argv)
 
     import torch
@@ -484,7 +478,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     rounds = args.rounds if args.rounds is not None else (1 if quick else 3)
     size = args.speed_size if args.speed_size is not None else (64 if quick else 128)
     repeats = args.repeats if args.repeats is not None else (1 if quick else 3)
-    docs = args.docs or (REPO / "out" / "bench-quick" if quick else REPO / "docs")
+    docs = docs_folder(args)
     model, model_description = load_benchmark_model(args.model, args.random_weights)
     real_ct, real_labels = read_real_ct()
     started = time.perf_counter()

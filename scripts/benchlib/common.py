@@ -91,6 +91,24 @@ def real_ct_for(parser: argparse.ArgumentParser, ct_derived: int):
     return real_ct, real_labels
 
 
+def add_model_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of every benchmark that runs a model on phantoms and writes a report section:
+    --quick, --model, --random-weights, --docs (see :func:`docs_folder`) and --threads."""
+    parser.add_argument("--quick", action="store_true", help="tiny smoke run (writes to out/bench-quick by default)")
+    parser.add_argument("--model", default=None, help="model file (default: the shipped default model)")
+    parser.add_argument("--random-weights", action="store_true", help="untrained network (smoke tests only)")
+    parser.add_argument("--docs", type=Path, default=None,
+                        help="where benchmarks.md, figures/ and results/ go "
+                             "(default docs/, or out/bench-quick with --quick)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
+
+
+def docs_folder(args: argparse.Namespace) -> Path:
+    """Where a run writes benchmarks.md, figures/ and results/: ``--docs``, else docs/ (out/bench-quick for a
+    quick run, so that smoke runs never overwrite the published numbers)."""
+    return args.docs or (REPO / "out" / "bench-quick" if args.quick else REPO / "docs")
+
+
 def machine_line() -> str:
     """Where and when the numbers were taken: CPU cores, GPU, torch version, date."""
     import torch

@@ -97,13 +97,10 @@ def run_input(phantom, with_ct: bool, gain: float, model) -> Dict[str, Any]:
 
 
 def run_case(name: str, entry: Dict[str, Any], model, real_ct, real_labels, quick: bool) -> Dict[str, Any]:
-    from FCMSegmentationLib.phantoms import generate_phantom
+    from FCMSegmentationLib.validation import plan_phantoms
 
-    ranges = simulation_ranges(name, quick)
-    if entry["kind"] == "ct":
-        phantom = generate_phantom(entry["seed"], kind="ct", ranges=ranges, ct=real_ct, bone_labels=real_labels)
-    else:
-        phantom = generate_phantom(entry["seed"], kind="procedural", ranges=ranges)
+    (_, _, phantom), = plan_phantoms([(entry["kind"], entry["seed"])], real_ct, real_labels,
+                                     simulation_ranges(name, quick))
     gain = SHIFTS[name][4]
     return {"shift": name, "kind": entry["kind"], "seed": entry["seed"],
             "inputs": {key: run_input(phantom, key == "spect_ct", gain, model) for key in INPUTS}}

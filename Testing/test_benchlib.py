@@ -255,28 +255,32 @@ def test_compare_models_scores_every_model_again_with_the_spect_normalisation_mo
     shipped = str(default_model_path())
     assert compare_models.main([shipped, str(untrained), "--procedural", "1", "--ct-derived", "0",
                                 "--spect-gains", "0.25", "--ct-slices", "6", "--osem-spect", "--stored-as", "RAS",
-                                "--report", str(report)]) == 0
+                                "--working-spacing", "4", "--report", str(report)]) == 0
     text = report.read_text()
     assert "With the SPECT's normalisation moved" in text and "With thick CT slices" in text
     assert "With the SPECT reconstructed by OS-EM" in text
     assert "| 6 mm | `" + shipped + "` |" in text and "| OS-EM | `" + shipped + "` |" in text
-    for setting in ("OS-EM SPECT", "stored RAS"):  # the same model, paired across the settings
+    for setting in ("OS-EM SPECT", "stored RAS", "working grid 4 mm"):  # the same model, paired across settings
         assert f"`{shipped}, {setting}` minus `{shipped}`" in text
     results = json.loads((tmp_path / "results" / "compare_models.json").read_text())
     plain = results["scores"][shipped][0]
     for moved in (results["spect_gains"]["0.25"]["scores"][shipped][0],
                   results["ct_slices_mm"]["6"]["scores"][shipped][0],
-                  results["scores"][f"{shipped}, OS-EM SPECT"][0]):
+                  results["scores"][f"{shipped}, OS-EM SPECT"][0],
+                  results["scores"][f"{shipped}, working grid 4 mm"][0]):
         assert plain["seed"] == moved["seed"]
         assert (plain["bone"], plain["lesion"]) != (moved["bone"], moved["lesion"])  # the model sees other images
     assert results["scores"][f"{shipped}, stored RAS"][0]["seed"] == plain["seed"]
-    for conflicting in (["--spect-gains", "0.5"], ["--ct-slices", "5"], ["--stored-as", "RAS"]):
+    for conflicting in (["--spect-gains", "0.5"], ["--ct-slices", "5"], ["--stored-as", "RAS"],
+                        ["--working-spacing", "2.5"]):
         with pytest.raises(SystemExit):
             compare_models.main([shipped, "--cortex-ablation", *conflicting])
     with pytest.raises(SystemExit):
         compare_models.main([shipped, str(untrained), "--ct-slices", "2"])  # not thicker than the phantoms' own
     with pytest.raises(SystemExit):
         compare_models.main([shipped, "--stored-as", "RAX"])
+    with pytest.raises(SystemExit):
+        compare_models.main([shipped, "--working-spacing", "0"])
 
 
 def ablation_scores(tmp_path, flag: str, suffix: str):

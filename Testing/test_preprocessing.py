@@ -7,6 +7,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from conftest import make_tiny_case
+from FCMSegmentationLib.errors import InputError
 from FCMSegmentationLib.modelfile import load_model
 from FCMSegmentationLib.preprocessing import (
     CT_CLIP,
@@ -185,3 +186,23 @@ def test_the_last_ct_slice_keeps_bone_that_runs_through_it(tiny_case):
         last_slice[name] = sitk.GetArrayFromImage(labels)[-1]
     assert rod.sum() > 20 and np.all(last_slice["filled"][rod] > 0)
     assert not np.any(last_slice["unfilled"][rod] > 0)  # half background there: what the filling mends
+
+
+def test_segment_runs_the_network_on_the_working_grid_asked_for(tiny_case, monkeypatch):
+    from FCMSegmentationLib import segmentation
+
+    spect, ct, _ = tiny_case
+    model = load_model(None)
+    grids = []
+    predict = segmentation.predict_working
+    monkeypatch.setattr(segmentation, "predict_working",
+                        lambda loaded, case, *args, **kwargs: grids.append(case.grid.GetSpacing())
+                        or predict(loaded, case, *args, **kwargs))
+    trained = segment(spect, ct, model, device="cpu")
+    finer = segment(spect, ct, model, device="cpu", working_spacing_mm=2.0)
+    assert grids == [(model.spacing_mm,) * 3, (2.0,) * 3]
+    assert finer.labels.GetSize() == trained.labels.GetSize()  # the output stays on the CT's grid
+    assert not np.array_equal(sitk.GetArrayFromImage(finer.memberships), sitk.GetArrayFromImage(trained.memberships))
+    for bad in (0.0, -3.0, float("nan"), float("inf")):
+        with pytest.raises(InputError, match="working grid"):
+            segment(spect, ct, model, device="cpu", working_spacing_mm=bad)

@@ -20,6 +20,7 @@ results/<section>.json beside it.
     python scripts/compare_models.py A.pt B.pt --ct-slices 5  # also with the CT re-sliced at 5 mm
     python scripts/compare_models.py A.pt B.pt --osem-spect  # also with every SPECT reconstructed by OS-EM
     python scripts/compare_models.py A.pt --stored-as RAS LPI  # also with the images' axes stored otherwise
+    python scripts/compare_models.py A.pt --working-spacing 2.5  # also on a finer grid than the model learnt on
 
 With an ablation flag every model is scored as shipped and the reference is the first model with that step
 left out; with an option flag the first model is scored again with that option, beside it (either, with
@@ -33,8 +34,10 @@ scored again on the same phantoms with their SPECT made from noisy projections b
 (``phantoms.reconstruction``) instead of image-space noise. With ``--stored-as`` every model is scored again
 with each phantom's SPECT and CT stored in each of these orientations instead of its own (the same voxels at the
 same physical points, index axes permuted and flipped by ``SimpleITK.DICOMOrient``, as a NIfTI file often
-stores them). Scores on OS-EM SPECT and in other orientations enter the main tables, paired with the reference
-as simulated.
+stores them). With ``--working-spacing`` every model is scored again with the network run on a working grid of
+each of these voxel sizes instead of the one it was trained on (its decision as calibrated). Scores on OS-EM
+SPECT, in other orientations and on other working grids enter the main tables, paired with the reference as
+simulated.
 """
 import argparse
 import sys
@@ -180,6 +183,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="also score every model with each phantom's SPECT and CT stored in each of these DICOM "
                              "orientations (e.g. RAS LPI; procedural phantoms are stored LPS, CT-derived ones LPS or "
                              "x-reversed)")
+    parser.add_argument("--working-spacing", type=float, nargs="+", default=[], metavar="MM",
+                        help="also score every model with the network run on a working grid of each of these voxel "
+                             "sizes (mm) instead of its training one")
     parser.add_argument("--without-misregistration", action="store_true",
                         help="simulate the phantoms with the SPECT exactly on the CT (no SPECT/CT misregistration)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
@@ -190,14 +196,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     variant = [flag for flag in VARIANTS if getattr(args, flag)]
     if len(variant) > 1:
         parser.error("give one ablation or option at a time")
-    settings = bool(args.spect_gains or args.ct_slices or args.stored_as)
+    settings = bool(args.spect_gains or args.ct_slices or args.stored_as or args.working_spacing)
     if len(args.models) < 2 and not (variant or settings or args.osem_spect):
         parser.error("give at least two models to compare (or one with an ablation, an option or a setting to score "
                      "it in)")
     if variant and settings:
-        parser.error("give an ablation or option, or --spect-gains / --ct-slices / --stored-as, not both")
+        parser.error("give an ablation or option, or --spect-gains / --ct-slices / --stored-as / --working-spacing, "
+                     "not both")
     if any(not gain > 0 for gain in args.spect_gains):
         parser.error("SPECT gains must be positive")
+    if any(not spacing > 0 for spacing in args.working_spacing):
+        parser.error("working grid voxel sizes must be positive")
 
     import torch
 
@@ -246,12 +255,15 @@ def main(argv: Optional[List[str]] = None) -> int:
                 osem_scores[variant_name] = score(first, progress=progress, ranges=osem_ranges, **told)[args.models[0]]
             osem_scores = {name: osem_scores[name] for name in names}  # in the tables' order
     settings_scores = {f"{name}, OS-EM SPECT": value for name, value in osem_scores.items()}
-    for code in dict.fromkeys(args.stored_as):
-        with progress_bar(f"validation phantoms, stored {code}") as progress:
-            oriented = score(models, progress=progress, stored_as=code)
-        settings_scores.update({f"{name}, stored {code}": value for name, value in oriented.items()})
-    # each model on OS-EM SPECT or stored otherwise also enters the main tables, paired with the reference as
-    # simulated (image-space noise, stored as the phantom is)
+    paired_settings = ([(f"stored {code}", {"stored_as": code}) for code in dict.fromkeys(args.stored_as)]
+                       + [(f"working grid {spacing:g} mm", {"working_spacing_mm": spacing})
+                          for spacing in dict.fromkeys(args.working_spacing)])
+    for setting, told in paired_settings:
+        with progress_bar(f"validation phantoms, {setting}") as progress:
+            scored = score(models, progress=progress, **told)
+        settings_scores.update({f"{name}, {setting}": value for name, value in scored.items()})
+    # each model on OS-EM SPECT, stored otherwise or on another working grid also enters the main tables, paired
+    # with the reference as simulated (image-space noise, stored as the phantom is, on its training grid)
     table_names = names + list(settings_scores)
     results = _results({**scores, **settings_scores}, names[0])
     summaries, differences = results["summaries"], results["differences"]

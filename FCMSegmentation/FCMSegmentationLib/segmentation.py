@@ -150,6 +150,7 @@ def segment(
     complete_cortex_edge: bool = True,
     align: bool = True,
     drop_faint_lesions: bool = False,
+    working_spacing_mm: Optional[float] = None,
 ) -> SegmentationResult:
     """Segment bone and lesions in ``spect`` (and ``ct`` if given) with ``model`` (default: shipped one).
 
@@ -160,14 +161,19 @@ def segment(
     of bone that the working grid rounds off is put back from the CT (see :mod:`cortex`) unless not
     ``complete_cortex_edge``; the memberships are the network's, unweighted. With a CT, a rigid
     SPECT/CT misregistration is first found and undone (:mod:`alignment`) unless not ``align``.
+    working_spacing_mm: the voxel size of the grid the network runs on (default: the one it was trained on,
+    ``model.spacing_mm``); a finer grid costs time and memory as the cube of the ratio, and the calibrated
+    decision was chosen on the training grid.
     """
+    if working_spacing_mm is not None and not 0.0 < working_spacing_mm < float("inf"):
+        raise InputError(f"the working grid's voxel size must be a positive number of mm, got {working_spacing_mm}")
     torch_device = resolve_device(device)
     loaded = model if isinstance(model, LoadedModel) else load_model(model, torch_device)
     multiple = loaded.network.size_multiple
     if patch < multiple:
         raise InputError(f"patch size {patch} is too small; use at least {multiple} voxels (default {DEFAULT_PATCH})")
     report(progress, 0.0, "preparing images")
-    case = prepare_case(spect, ct, loaded.spacing_mm, loaded.segments_beyond_spect, align)
+    case = prepare_case(spect, ct, working_spacing_mm or loaded.spacing_mm, loaded.segments_beyond_spect, align)
     # Upfront: how many patches, how long, how much memory (patching bounds the network's memory).
     estimate = estimate_run(case.features.shape[1:], patch, torch_device, loaded.network.config,
                             multiple=multiple, in_channels=case.features.shape[0], out_channels=NUM_CLASSES)

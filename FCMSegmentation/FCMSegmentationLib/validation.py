@@ -95,6 +95,7 @@ def score_models(
     ct_slice_mm: Optional[float] = None,
     stored_as: Optional[str] = None,
     drop_faint_lesions: bool = False,
+    working_spacing_mm: Optional[float] = None,
 ) -> Dict[str, List[CaseScore]]:
     """Per-case Dice of every model in ``models`` on the phantoms of ``plan``, each phantom made once.
 
@@ -107,6 +108,7 @@ def score_models(
     stored_as: give the models each phantom's SPECT and CT with their index axes stored in this DICOM
     orientation (e.g. ``"RAS"``, as NIfTI files often are): the same voxels at the same physical points,
     axes permuted and flipped (:func:`SimpleITK.DICOMOrient`); the truth stays as it is.
+    working_spacing_mm: run the models on a working grid of this voxel size instead of their training one.
     """
     from .metrics import evaluate_images
     from .phantoms.slicing import thick_slice_ct
@@ -129,7 +131,7 @@ def score_models(
                 result = segment(spect_image, ct_image if used == "spect_ct" else None, model, device=device,
                                  keep_lesions_outside_bone=keep_lesions_outside_bone,
                                  complete_cortex_edge=complete_cortex_edge, align=align,
-                                 drop_faint_lesions=drop_faint_lesions)
+                                 drop_faint_lesions=drop_faint_lesions, working_spacing_mm=working_spacing_mm)
                 dice = evaluate_images(result.labels, phantom.truth)
                 scores[name].append(CaseScore(kind, seed, used, dice["bone"], dice["lesion"]))
         report(progress, number / len(plan), f"validation phantom {number}/{len(plan)} ({kind}, seed {seed})")

@@ -279,8 +279,9 @@ def test_compare_models_scores_every_model_again_with_the_spect_normalisation_mo
         compare_models.main([shipped, str(untrained), "--ct-slices", "2"])  # not thicker than the phantoms' own
     with pytest.raises(SystemExit):
         compare_models.main([shipped, "--stored-as", "RAX"])
-    with pytest.raises(SystemExit):
-        compare_models.main([shipped, "--working-spacing", "0"])
+    for bad in ("0", "inf"):  # refused before any phantom is scored, as segment() would refuse it
+        with pytest.raises(SystemExit):
+            compare_models.main([shipped, "--working-spacing", bad])
 
 
 def ablation_scores(tmp_path, flag: str, suffix: str):

@@ -205,8 +205,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                      "not both")
     if any(not gain > 0 for gain in args.spect_gains):
         parser.error("SPECT gains must be positive")
-    if any(not spacing > 0 for spacing in args.working_spacing):
-        parser.error("working grid voxel sizes must be positive")
+    if any(not 0 < spacing < float("inf") for spacing in args.working_spacing):
+        parser.error("working grid voxel sizes must be positive numbers of mm")
 
     import torch
 

@@ -10,6 +10,7 @@ from FCMSegmentationLib.calibration import (
     CALIBRATION_SEED_BASE,
     calibrate,
     choose_decision,
+    choose_working_spacing,
     decision_dice,
     decision_grid,
     write_calibrated_model,
@@ -71,6 +72,18 @@ def test_choose_decision_keeps_the_first_on_ties_and_checks_the_shape():
     assert choose_decision(np.full((3, 2, 2), 0.5), grid)[0] == grid[0]
     with pytest.raises(InputError, match="must be"):
         choose_decision(np.zeros((3, 5, 2)), grid)
+
+
+def test_choose_working_spacing_picks_the_grid_with_the_best_decision_and_keeps_the_first_on_ties():
+    grid = [((1.0, 1.0, 1.0), 0.0), ((1.5, 1.0, 0.7), 0.6)]
+    coarse = np.array([[[0.80, 0.30], [0.85, 0.40]]])  # best 1.25
+    fine = np.array([[[0.70, 0.30], [0.90, 0.45]]])  # best 1.35, with the other decision
+    mm, decision, summary = choose_working_spacing({3.0: coarse, 2.5: fine}, grid)
+    assert (mm, decision) == (2.5, grid[1]) and summary["working_spacing_mm"] == 2.5
+    assert summary["bone_dice"] == pytest.approx(0.90) and summary["lesion_dice"] == pytest.approx(0.45)
+    assert summary["by_working_spacing"]["3"] == pytest.approx({"bone_dice": 0.85, "lesion_dice": 0.40})
+    assert summary["by_working_spacing"]["2.5"] == pytest.approx({"bone_dice": 0.90, "lesion_dice": 0.45})
+    assert choose_working_spacing({3.0: coarse, 2.5: coarse.copy()}, grid)[0] == 3.0
 
 
 def test_decision_dice_scores_each_decision_on_the_truth_grid():
@@ -135,6 +148,46 @@ def test_segment_with_the_calibrated_card_delivers_the_calibrated_dice(calibrate
     assert not np.array_equal(completed, decided)  # the cortex completion, which calibration scored, added bone
 
 
+@pytest.fixture(scope="module")
+def calibrated_on_two_grids():
+    from FCMSegmentationLib.modelfile import random_model
+
+    model = random_model("cpu", seed=0, norm="instance")
+    grid = [((1.0, 1.0, 1.0), 0.0), ((1.5, 1.0, 1.0), 0.0), ((0.7, 1.0, 1.0), 0.7)]
+    return model, calibrate(model, procedural=1, grid=grid, inputs=("spect_ct",), working_spacings=(3.0, 4.5, 3))
+
+
+def test_calibration_chooses_the_working_grid_and_segment_runs_on_it(calibrated_on_two_grids):
+    from FCMSegmentationLib.phantoms import generate_phantom
+
+    model, decision = calibrated_on_two_grids
+    record = decision["calibration"]
+    assert record["working_spacings_mm"] == [3.0, 4.5]  # a repeated size is tried once
+    tried = record["spect_ct"]["by_working_spacing"]
+    assert set(tried) == {"3", "4.5"} and tried["3"] != tried["4.5"]
+    best = max(tried, key=lambda mm: tried[mm]["bone_dice"] + tried[mm]["lesion_dice"])
+    chosen = decision["working_spacing_mm"]["spect_ct"]
+    assert chosen == float(best) == record["spect_ct"]["working_spacing_mm"]
+    calibrated = LoadedModel(model.network, dict(model.card, decision=decision))
+    assert calibrated.working_spacing_mm(with_ct=True) == chosen
+    assert calibrated.working_spacing_mm(with_ct=False) == model.spacing_mm  # not calibrated: the training grid
+    phantom = generate_phantom(CALIBRATION_SEED_BASE, kind="procedural")
+    dice = evaluate_images(segment(phantom.spect, phantom.ct, calibrated).labels, phantom.truth)
+    assert dice["bone"] == pytest.approx(record["spect_ct"]["bone_dice"])
+    other = next(float(mm) for mm in tried if mm != best)
+    on_other = evaluate_images(segment(phantom.spect, phantom.ct, calibrated, working_spacing_mm=other).labels,
+                               phantom.truth)
+    assert on_other["bone"] != pytest.approx(dice["bone"])
+
+
+def test_calibration_refuses_a_working_grid_that_is_not_a_voxel_size(calibrated_on_one_phantom):
+    model, grid, decision = calibrated_on_one_phantom
+    assert decision["working_spacing_mm"] == {"spect_ct": model.spacing_mm}  # by default the training grid
+    for bad in (0.0, -2.5, float("nan"), float("inf")):
+        with pytest.raises(InputError, match="working grid"):
+            calibrate(model, procedural=1, grid=grid, working_spacings=(3.0, bad))
+
+
 def test_write_calibrated_model_keeps_the_weights_and_adds_the_decision(tmp_path, monkeypatch):
     import FCMSegmentationLib.calibration as calibration
     from FCMSegmentationLib.modelfile import random_model
@@ -167,14 +220,17 @@ def test_ct_derived_calibration_without_the_ct_is_refused_before_any_output(tmp_
 @pytest.mark.parametrize("bad", [{"spect_ct": [1.0, 1.0]}, {"spect_ct": [1.0, 0.0, 1.0]},
                                  {"spect_ct": [1.0, float("inf"), 1.0]}, {"spect_ct": "1,1,1"},
                                  {"lesion_core": {"spect_ct": 1.0}}, {"lesion_core": {"spect_ct": -0.1}},
-                                 {"lesion_core": {"spect_ct": float("nan")}}, {"lesion_core": [0.6]}])
+                                 {"lesion_core": {"spect_ct": float("nan")}}, {"lesion_core": [0.6]},
+                                 {"working_spacing_mm": {"spect_ct": 0.0}},
+                                 {"working_spacing_mm": {"spect_ct": float("nan")}},
+                                 {"working_spacing_mm": {"spect_ct": "2.5"}}, {"working_spacing_mm": 2.5}])
 def test_a_card_with_bad_decision_weights_is_refused_on_load(tmp_path, bad):
     from FCMSegmentationLib.modelfile import random_model
 
     model = random_model("cpu", seed=0)
     path = tmp_path / "bad.pt"
     save_model(path, model.network, dict(model.card, decision=bad))
-    with pytest.raises(ModelError, match="decision weights|lesion core"):
+    with pytest.raises(ModelError, match="decision weights|lesion core|working grid"):
         load_model(path)
 
 
@@ -186,21 +242,23 @@ def test_the_command_line_calibrates_and_reports(tmp_path, monkeypatch, capsys):
     model = random_model("cpu", seed=0)
     source = tmp_path / "model.pt"
     save_model(source, model.network, model.card)
-    summary = {"weights": [1.25, 1.0, 0.5], "lesion_core": 0.6, "bone_dice": 0.9, "lesion_dice": 0.3,
-               "reference_bone_dice": 0.88, "reference_lesion_dice": 0.25, "cases": 3}
+    summary = {"weights": [1.25, 1.0, 0.5], "lesion_core": 0.6, "working_spacing_mm": 2.5, "bone_dice": 0.9,
+               "lesion_dice": 0.3, "reference_bone_dice": 0.88, "reference_lesion_dice": 0.25, "cases": 3}
     seen = {}
 
-    def fake_calibrate(model, procedural, ct_derived, *args, **kwargs):
-        seen.update(procedural=procedural, ct_derived=ct_derived)
+    def fake_calibrate(model, procedural, ct_derived, *args, working_spacings=(), **kwargs):
+        seen.update(procedural=procedural, ct_derived=ct_derived, working_spacings=working_spacings)
         return {"spect_ct": [1.25, 1.0, 0.5], "spect_only": [1.25, 1.0, 0.5],
                 "calibration": {"spect_ct": summary, "spect_only": summary}}
 
     monkeypatch.setattr(calibration, "calibrate", fake_calibrate)
     out = tmp_path / "calibrated.pt"
-    assert main(["calibrate", "--model", str(source), "--out", str(out), "--phantoms", "3"]) == 0
-    assert seen == {"procedural": 3, "ct_derived": 0}
+    assert main(["calibrate", "--model", str(source), "--out", str(out), "--phantoms", "3",
+                 "--working-spacings", "3", "2.5"]) == 0
+    assert seen == {"procedural": 3, "ct_derived": 0, "working_spacings": [3.0, 2.5]}
     printed = capsys.readouterr().out
-    assert "lesion core 0.6: bone Dice 0.880 -> 0.900, lesion Dice 0.250 -> 0.300 on 3 phantoms" in printed
+    assert ("lesion core 0.6, working grid 2.5 mm: bone Dice 0.880 -> 0.900, lesion Dice 0.250 -> 0.300 on 3 "
+            "phantoms") in printed
     assert load_model(out).decision_weights(with_ct=False) == (1.25, 1.0, 0.5)
 
 
@@ -228,8 +286,8 @@ def test_the_command_line_passes_the_os_em_share_to_calibration(tmp_path, monkey
     import FCMSegmentationLib.calibration as calibration
     from FCMSegmentationLib.cli import main
 
-    summary = {"weights": [1.0, 1.0, 1.0], "lesion_core": 0.0, "bone_dice": 0.9, "lesion_dice": 0.3,
-               "reference_bone_dice": 0.9, "reference_lesion_dice": 0.3, "cases": 1}
+    summary = {"weights": [1.0, 1.0, 1.0], "lesion_core": 0.0, "working_spacing_mm": 3.0, "bone_dice": 0.9,
+               "lesion_dice": 0.3, "reference_bone_dice": 0.9, "reference_lesion_dice": 0.3, "cases": 1}
     seen = {}
 
     def fake_calibrate(*args, osem_spect=0.0, **kwargs):

@@ -8,7 +8,7 @@ from scipy import ndimage
 
 from conftest import make_tiny_case
 from FCMSegmentationLib.errors import InputError
-from FCMSegmentationLib.modelfile import load_model
+from FCMSegmentationLib.modelfile import LoadedModel, load_model
 from FCMSegmentationLib.preprocessing import (
     CT_CLIP,
     memberships_to_output,
@@ -198,11 +198,20 @@ def test_segment_runs_the_network_on_the_working_grid_asked_for(tiny_case, monke
     monkeypatch.setattr(segmentation, "predict_working",
                         lambda loaded, case, *args, **kwargs: grids.append(case.grid.GetSpacing())
                         or predict(loaded, case, *args, **kwargs))
-    trained = segment(spect, ct, model, device="cpu")
+    calibrated = segment(spect, ct, model, device="cpu")
     finer = segment(spect, ct, model, device="cpu", working_spacing_mm=2.0)
-    assert grids == [(model.spacing_mm,) * 3, (2.0,) * 3]
-    assert finer.labels.GetSize() == trained.labels.GetSize()  # the output stays on the CT's grid
-    assert not np.array_equal(sitk.GetArrayFromImage(finer.memberships), sitk.GetArrayFromImage(trained.memberships))
+    assert grids == [(model.working_spacing_mm(with_ct=True),) * 3, (2.0,) * 3]
+    assert finer.labels.GetSize() == calibrated.labels.GetSize()  # the output stays on the CT's grid
+    assert not np.array_equal(sitk.GetArrayFromImage(finer.memberships),
+                              sitk.GetArrayFromImage(calibrated.memberships))
+    # the card's working grid per input is the default; an uncalibrated card runs on the training grid
+    decision = dict(model.card["decision"], working_spacing_mm={"spect_ct": 4.0, "spect_only": 5.0})
+    grids.clear()
+    for card in (dict(model.card, decision=decision), dict(model.card, decision=None)):
+        other = LoadedModel(model.network, card)
+        segment(spect, ct, other, device="cpu")
+        segment(spect, None, other, device="cpu")
+    assert grids == [(4.0,) * 3, (5.0,) * 3, (model.spacing_mm,) * 3, (model.spacing_mm,) * 3]
     for bad in (0.0, -3.0, float("nan"), float("inf")):
         with pytest.raises(InputError, match="working grid"):
             segment(spect, ct, model, device="cpu", working_spacing_mm=bad)

@@ -9,7 +9,7 @@ import torch
 
 from FCMSegmentationLib.errors import Cancelled, FCMError, InputError
 from FCMSegmentationLib.metrics import evaluate_images
-from FCMSegmentationLib.modelfile import load_model
+from FCMSegmentationLib.modelfile import LoadedModel, load_model
 from FCMSegmentationLib.preprocessing import prepare_case
 from FCMSegmentationLib.refinement import (
     RefinementSession,
@@ -52,6 +52,15 @@ def untrained():
 def session(tiny_case, untrained):
     spect, ct, _ = tiny_case
     return RefinementSession(spect, ct, untrained, "cpu", FAST)
+
+
+def test_a_session_runs_on_the_working_grid_its_card_calibrated(tiny_case, untrained):
+    spect, ct, _ = tiny_case
+    decision = {"working_spacing_mm": {"spect_ct": 4.0, "spect_only": 5.0}}
+    calibrated = LoadedModel(untrained.network, dict(untrained.card, decision=decision))
+    assert RefinementSession(spect, ct, calibrated, "cpu", FAST).case.grid.GetSpacing() == (4.0,) * 3
+    assert RefinementSession(spect, None, calibrated, "cpu", FAST).case.grid.GetSpacing() == (5.0,) * 3
+    assert RefinementSession(spect, ct, untrained, "cpu", FAST).case.grid.GetSpacing() == (untrained.spacing_mm,) * 3
 
 
 def weights_of(session):

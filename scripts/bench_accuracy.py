@@ -144,7 +144,8 @@ def run_case(entry: Dict[str, Any], model, real_ct, real_labels, seeds_per_class
     labels, seconds = timed(lambda: classical.growcut_segment(spect, ct, truth, seeds))
     record(GROWCUT, labels, seconds, {"strokes": len(strokes),
                                       "stroke_codes": {str(c): int((seeds == c).sum()) for c in (1, 2, 3)}})
-    labels, seconds = timed(lambda: truth_through_working_grid(spect, ct, truth, model.spacing_mm,
+    working_spacing_mm = model.working_spacing_mm(with_ct=True)
+    labels, seconds = timed(lambda: truth_through_working_grid(spect, ct, truth, working_spacing_mm,
                                                                model.segments_beyond_spect))
     record(GRID_BOUND, labels, seconds)
     labels, seconds = timed(lambda: truth_where_spect_shows_it(truth, phantom.params))

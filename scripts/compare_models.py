@@ -35,7 +35,8 @@ scored again on the same phantoms with their SPECT made from noisy projections b
 with each phantom's SPECT and CT stored in each of these orientations instead of its own (the same voxels at the
 same physical points, index axes permuted and flipped by ``SimpleITK.DICOMOrient``, as a NIfTI file often
 stores them). With ``--working-spacing`` every model is scored again with the network run on a working grid of
-each of these voxel sizes instead of the one it was trained on (its decision as calibrated). Scores on OS-EM
+each of these voxel sizes instead of its card's (calibrated, or the one it learnt on), with its decision as
+calibrated. Scores on OS-EM
 SPECT, in other orientations and on other working grids enter the main tables, paired with the reference as
 simulated.
 """
@@ -185,7 +186,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                              "x-reversed)")
     parser.add_argument("--working-spacing", type=float, nargs="+", default=[], metavar="MM",
                         help="also score every model with the network run on a working grid of each of these voxel "
-                             "sizes (mm) instead of its training one")
+                             "sizes (mm) instead of its card's (by default the one it learnt on)")
     parser.add_argument("--without-misregistration", action="store_true",
                         help="simulate the phantoms with the SPECT exactly on the CT (no SPECT/CT misregistration)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")

@@ -7,22 +7,24 @@ edges one CT voxel too wide, bone hot spots called lesion. Weighting the members
 (a prior correction) undoes that without retraining. The weights are chosen on calibration phantoms
 (seeds from :data:`CALIBRATION_SEED_BASE`, never used in training, validation or the benchmarks) as the
 grid point with the largest mean bone Dice + mean lesion Dice, separately for SPECT+CT and SPECT-only
-input, together with the lesion core: the weights decide which faint lesions are found, the core how far
-a found lesion reaches. Both are written into the model card, where :func:`segmentation.segment` and
+input, together with the lesion core and, when asked, the working grid: the weights decide which faint
+lesions are found, the core how far a found lesion reaches, and a working grid finer than the one the
+network learnt on draws small bones and lesions closer to the CT's detail, if the network tolerates the
+change of scale. All three are written into the model card, where :func:`segmentation.segment` and
 refinement sessions read them. The memberships themselves, the soft output, are unchanged. The lesion
 filter still picks its candidates by the plain argmax on the working grid; the lesion core and the cortex
 completion (:mod:`cortex`) follow the weighted decision, and calibration scores the labels with them, as
 segmentation gives them.
 """
 from dataclasses import replace
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import InputError, require_probability
+from .errors import InputError, require_probability, require_voxel_size
 from .metrics import evaluate_images
-from .modelfile import LESION_CORE_KEY, LoadedModel, decision_key
+from .modelfile import LESION_CORE_KEY, WORKING_SPACING_KEY, LoadedModel, decision_key
 from .preprocessing import array_to_image, dense_bone_mask, geometry_of
 from .progress import ProgressCallback, report
 from .validation import INPUTS, plan_phantoms, validation_plan
@@ -88,6 +90,20 @@ def choose_decision(scores: np.ndarray, grid: Sequence[Decision]) -> Tuple[Decis
     return grid[best], summary
 
 
+def choose_working_spacing(scores: Mapping[float, np.ndarray], grid: Sequence[Decision]
+                           ) -> Tuple[float, Decision, Dict[str, Any]]:
+    """The working grid (voxel size in mm), and its decision of ``grid``, with the largest mean bone + mean
+    lesion Dice; ``scores`` maps each grid tried to its (cases, G, 2) Dice, the first tried winning ties.
+    Returns them and :func:`choose_decision`'s summary for that grid, with the best of every grid tried."""
+    choices = {mm: choose_decision(per_grid, grid) for mm, per_grid in scores.items()}
+    best = max(choices, key=lambda mm: choices[mm][1]["bone_dice"] + choices[mm][1]["lesion_dice"])
+    decision, summary = choices[best]
+    summary = dict(summary, working_spacing_mm=best, by_working_spacing={
+        f"{mm:g}": {"bone_dice": chosen["bone_dice"], "lesion_dice": chosen["lesion_dice"]}
+        for mm, (_, chosen) in choices.items()})
+    return best, decision, summary
+
+
 def calibrate(
     model: LoadedModel,
     procedural: int,
@@ -98,22 +114,28 @@ def calibrate(
     grid: Optional[Sequence[Decision]] = None,
     inputs: Iterable[str] = INPUTS,
     osem_spect: float = 0.0,
+    working_spacings: Sequence[float] = (),
     progress: Optional[ProgressCallback] = None,
 ) -> Dict[str, Any]:
-    """The card's ``decision`` entry for ``model``: weights per input (``spect_ct``, ``spect_only``) and a
-    lesion core per input (``lesion_core``), chosen on ``procedural`` + ``ct_derived`` calibration
-    phantoms, and a ``calibration`` record of how.
+    """The card's ``decision`` entry for ``model``: weights per input (``spect_ct``, ``spect_only``), a
+    lesion core per input (``lesion_core``) and a working grid per input (``working_spacing_mm``), chosen on
+    ``procedural`` + ``ct_derived`` calibration phantoms, and a ``calibration`` record of how.
 
-    The phantoms are segmented once per input with the model's lesion filter on; every grid point is then
-    scored on the same memberships. ct, bone_labels: the real CT for CT-derived phantoms. osem_spect: the
-    probability that a phantom's SPECT is reconstructed by OS-EM from noisy projections instead of having
-    image-space noise (``phantoms/reconstruction.py``), so that the decision suits reconstructed images.
+    The phantoms are segmented once per input and working grid with the model's lesion filter on; every
+    grid point is then scored on the same memberships. ct, bone_labels: the real CT for CT-derived
+    phantoms. osem_spect: the probability that a phantom's SPECT is reconstructed by OS-EM from noisy
+    projections instead of having image-space noise (``phantoms/reconstruction.py``), so that the decision
+    suits reconstructed images. working_spacings: the working grids' voxel sizes (mm) to choose among
+    (default: only the one the network learnt on, ``model.spacing_mm``); each costs a segmentation per
+    phantom and input.
     """
     from .phantoms import TRAINING_RANGES
     from .segmentation import segment
 
     require_probability(osem_spect, "OS-EM SPECT")
-
+    spacings = list(dict.fromkeys(float(mm) for mm in working_spacings)) or [model.spacing_mm]
+    for mm in spacings:
+        require_voxel_size(mm, "a working grid's voxel size")
     grid = list(grid or decision_grid())
     inputs = list(inputs)
     unknown = set(inputs) - set(INPUTS)
@@ -122,24 +144,28 @@ def calibrate(
     plan = validation_plan(procedural, ct_derived, seed_base=CALIBRATION_SEED_BASE)
     if not plan:
         raise InputError("calibration needs at least one phantom")
-    scores: Dict[str, List[np.ndarray]] = {used: [] for used in inputs}
+    scores: Dict[str, Dict[float, List[np.ndarray]]] = {used: {mm: [] for mm in spacings} for used in inputs}
     ranges = replace(TRAINING_RANGES, osem_probability=osem_spect)
     for number, (kind, seed, phantom) in enumerate(plan_phantoms(plan, ct, bone_labels, ranges), start=1):
         for used in inputs:
             with_ct = used == "spect_ct"
-            result = segment(phantom.spect, phantom.ct if with_ct else None, model, device=device)
             dense_bone = dense_bone_mask(phantom.ct) if with_ct else None
-            scores[used].append(decision_dice(result.memberships, phantom.truth, grid, dense_bone))
+            for mm in spacings:
+                result = segment(phantom.spect, phantom.ct if with_ct else None, model, device=device,
+                                 working_spacing_mm=mm)
+                scores[used][mm].append(decision_dice(result.memberships, phantom.truth, grid, dense_bone))
         report(progress, number / len(plan), f"calibration phantom {number}/{len(plan)} ({kind}, seed {seed})")
-    decision: Dict[str, Any] = {}
+    decision: Dict[str, Any] = {LESION_CORE_KEY: {}, WORKING_SPACING_KEY: {}}
     record: Dict[str, Any] = {"procedural": procedural, "ct_derived": ct_derived, "seed_base": CALIBRATION_SEED_BASE,
-                              "osem_spect": osem_spect, "objective": OBJECTIVE,
+                              "osem_spect": osem_spect, "objective": OBJECTIVE, "working_spacings_mm": spacings,
                               "grid": [[list(w), core] for w, core in grid]}
-    decision[LESION_CORE_KEY] = {}
     for used in inputs:
-        (weights, core), record[used] = choose_decision(np.stack(scores[used]), grid)
-        decision[decision_key(used == "spect_ct")] = list(weights)
-        decision[LESION_CORE_KEY][decision_key(used == "spect_ct")] = core
+        key = decision_key(used == "spect_ct")
+        per_grid = {mm: np.stack(entries) for mm, entries in scores[used].items()}
+        mm, (weights, core), record[used] = choose_working_spacing(per_grid, grid)
+        decision[key] = list(weights)
+        decision[LESION_CORE_KEY][key] = core
+        decision[WORKING_SPACING_KEY][key] = mm
     decision["calibration"] = record
     return decision
 
@@ -153,6 +179,7 @@ def write_calibrated_model(
     bone_labels_path: Optional[str] = None,
     device: str = "cpu",
     osem_spect: float = 0.0,
+    working_spacings: Sequence[float] = (),
     progress: Optional[ProgressCallback] = None,
 ) -> Dict[str, Any]:
     """``fcmseg calibrate``: calibrate the model at ``model_path`` (default: the shipped one) and write a
@@ -172,5 +199,5 @@ def write_calibrated_model(
     ct = read_image(ct_path) if ct_path else None
     labels = read_image(bone_labels_path) if bone_labels_path else None
     decision = calibrate(model, procedural, ct_derived, ct, labels, device=str(torch_device), osem_spect=osem_spect,
-                         progress=progress)
+                         working_spacings=working_spacings, progress=progress)
     return save_model(out, model.network, dict(model.card, decision=decision))

@@ -206,11 +206,12 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     with progress_bar("calibrate") as progress:
         card = write_calibrated_model(args.model, args.out, args.phantoms, args.ct_phantoms, args.from_ct,
-                                      args.bone_labels, args.device, args.osem_spect, progress)
+                                      args.bone_labels, args.device, args.osem_spect, args.working_spacings,
+                                      progress)
     for used in ("spect_ct", "spect_only"):
         chosen = card["decision"]["calibration"][used]
         print(f"{used}: weights (background, bone, lesion) {chosen['weights']}, lesion core "
-              f"{chosen['lesion_core']}: bone Dice "
+              f"{chosen['lesion_core']}, working grid {chosen['working_spacing_mm']:g} mm: bone Dice "
               f"{chosen['reference_bone_dice']:.3f} -> {chosen['bone_dice']:.3f}, lesion Dice "
               f"{chosen['reference_lesion_dice']:.3f} -> {chosen['lesion_dice']:.3f} on {chosen['cases']} phantoms")
     print(f"wrote {args.out}")
@@ -371,6 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="probability that a calibration phantom's SPECT is reconstructed by OS-EM from noisy "
                           "projections instead of having image-space noise, to suit the decision to reconstructed "
                           "images (default 0)")
+    cal.add_argument("--working-spacings", type=float, nargs="+", default=[], metavar="MM",
+                     help="working grids' voxel sizes (mm) to choose among per input, the first winning ties; "
+                          "each costs a segmentation per phantom (default: the one the model learnt on)")
     cal.add_argument("--device", default="auto", help="auto | cpu | cuda | mps (default auto)")
     cal.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     cal.set_defaults(handler=cmd_calibrate)

@@ -30,3 +30,9 @@ def require_probability(value: float, what: str) -> None:
     """Raise :class:`InputError` naming ``what`` unless ``value`` lies in [0, 1] (NaN does not)."""
     if not 0.0 <= value <= 1.0:
         raise InputError(f"{what} is a probability in [0, 1], got {value}")
+
+
+def require_voxel_size(value: float, what: str) -> None:
+    """Raise :class:`InputError` naming ``what`` unless ``value`` is a positive, finite number of mm."""
+    if not 0.0 < value < float("inf"):
+        raise InputError(f"{what} must be a positive number of mm, got {value}")

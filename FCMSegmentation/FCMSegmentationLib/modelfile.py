@@ -28,6 +28,7 @@ FORMAT_VERSION = 1
 DEFAULT_MODEL_NAME = "fcmseg_default.pt"
 MODEL_ENV_VAR = "FCMSEG_MODEL"
 LESION_CORE_KEY = "lesion_core"  # the card's decision entry for it: {input: fraction}
+WORKING_SPACING_KEY = "working_spacing_mm"  # the card's decision entry for the working grid: {input: mm}
 
 PathLike = Union[str, os.PathLike]
 
@@ -60,6 +61,13 @@ class LoadedModel:
         weighted argmax draws them) for a model calibrated before it existed or not at all."""
         decision = self.card.get("decision") or {}
         return float((decision.get(LESION_CORE_KEY) or {}).get(decision_key(with_ct), 0.0))
+
+    def working_spacing_mm(self, with_ct: bool) -> float:
+        """The voxel size (mm) of the grid the network runs on for SPECT+CT or SPECT-only input: the card's
+        calibration (:mod:`calibration` may choose a finer grid than the network learnt on, with the decision
+        suited to it), else the training grid (:attr:`spacing_mm`)."""
+        decision = self.card.get("decision") or {}
+        return float((decision.get(WORKING_SPACING_KEY) or {}).get(decision_key(with_ct), self.spacing_mm))
 
     def with_lesion_core(self, fraction: float) -> "LoadedModel":
         """The same network with the user's lesion core in place of the calibrated one, for both inputs
@@ -191,6 +199,11 @@ def _check_decision(path: Path, decision: Any) -> None:
             isinstance(core, (int, float)) and 0.0 <= core < 1.0 for core in cores.values()):
         raise ModelError(f"{path}: model card's lesion core {cores!r} is not a fraction in [0, 1) per input; "
                          "calibrate the model again (fcmseg calibrate)")
+    spacings = decision.get(WORKING_SPACING_KEY, {})
+    if not isinstance(spacings, dict) or not all(
+            isinstance(mm, (int, float)) and math.isfinite(mm) and mm > 0 for mm in spacings.values()):
+        raise ModelError(f"{path}: model card's working grid {spacings!r} is not a positive voxel size in mm per "
+                         "input; calibrate the model again (fcmseg calibrate)")
 
 
 def load_model(path: Optional[PathLike] = None, device: Union[str, torch.device] = "cpu") -> LoadedModel:

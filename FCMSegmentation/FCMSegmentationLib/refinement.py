@@ -192,8 +192,8 @@ class RefinementSession:
         self.model = LoadedModel(copy.deepcopy(loaded.network).to(self.device).eval(), copy.deepcopy(loaded.card))
         self.patch = patch
         report(progress, 0.0, "preparing images")
-        self.case: WorkingCase = prepare_case(spect, ct, self.model.spacing_mm, self.model.segments_beyond_spect,
-                                              align)
+        self.case: WorkingCase = prepare_case(spect, ct, self.model.working_spacing_mm(ct is not None),
+                                              self.model.segments_beyond_spect, align)
         self._intensities, self._mask = self._rfcm_inputs()
         self._decision_weights = torch.tensor(self.model.decision_weights(self.case.has_ct), device=self.device)
         # the anchor holds every voxel that gets a prediction, beyond the SPECT field too

@@ -8,7 +8,7 @@ import torch
 
 from .alignment import Alignment
 from .cortex import complete_cortex
-from .errors import InputError
+from .errors import InputError, require_voxel_size
 from . import faint_lesions
 from .inference import DEFAULT_PATCH, describe_device, estimate_run, resolve_device, run_with_fallback, sliding_window
 from .lesion_core import trim_lesions
@@ -161,19 +161,20 @@ def segment(
     of bone that the working grid rounds off is put back from the CT (see :mod:`cortex`) unless not
     ``complete_cortex_edge``; the memberships are the network's, unweighted. With a CT, a rigid
     SPECT/CT misregistration is first found and undone (:mod:`alignment`) unless not ``align``.
-    working_spacing_mm: the voxel size of the grid the network runs on (default: the one it was trained on,
-    ``model.spacing_mm``); a finer grid costs time and memory as the cube of the ratio, and the calibrated
-    decision was chosen on the training grid.
+    working_spacing_mm: the voxel size of the grid the network runs on, in place of the model's calibrated
+    one (:meth:`modelfile.LoadedModel.working_spacing_mm`, by default the grid it learnt on); a finer grid
+    costs time and memory as the cube of the ratio, and the calibrated decision was chosen on the card's grid.
     """
-    if working_spacing_mm is not None and not 0.0 < working_spacing_mm < float("inf"):
-        raise InputError(f"the working grid's voxel size must be a positive number of mm, got {working_spacing_mm}")
+    if working_spacing_mm is not None:
+        require_voxel_size(working_spacing_mm, "the working grid's voxel size")
     torch_device = resolve_device(device)
     loaded = model if isinstance(model, LoadedModel) else load_model(model, torch_device)
     multiple = loaded.network.size_multiple
     if patch < multiple:
         raise InputError(f"patch size {patch} is too small; use at least {multiple} voxels (default {DEFAULT_PATCH})")
     report(progress, 0.0, "preparing images")
-    case = prepare_case(spect, ct, working_spacing_mm or loaded.spacing_mm, loaded.segments_beyond_spect, align)
+    spacing_mm = working_spacing_mm or loaded.working_spacing_mm(ct is not None)
+    case = prepare_case(spect, ct, spacing_mm, loaded.segments_beyond_spect, align)
     # Upfront: how many patches, how long, how much memory (patching bounds the network's memory).
     estimate = estimate_run(case.features.shape[1:], patch, torch_device, loaded.network.config,
                             multiple=multiple, in_channels=case.features.shape[0], out_channels=NUM_CLASSES)
